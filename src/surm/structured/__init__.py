@@ -1,0 +1,33 @@
+"""The structured matrix families (pure math: no model, no PEFT, no files).
+
+>>> from surm import structured
+>>> S = structured.make("circulant", 1536, 384, block_size=128, init="random")
+>>> y = S(x)                      # x (..., 384) -> (..., 1536), fast
+>>> S.dense()                     # (1536, 384), the reference
+"""
+
+from .base import INIT_MODES, LinearStructuredMatrix, StructuredMatrix
+from .circulant import Circulant, SkewCirculant
+from .kronecker import Kronecker, auto_factors
+from .ldr import LDR
+from .low_rank import LowRank
+from .registry import get, knob_names, make, names
+from .toeplitz import SymmetricToeplitz, Toeplitz
+
+__all__ = [
+    "INIT_MODES",
+    "LDR",
+    "Circulant",
+    "Kronecker",
+    "LinearStructuredMatrix",
+    "LowRank",
+    "SkewCirculant",
+    "StructuredMatrix",
+    "SymmetricToeplitz",
+    "Toeplitz",
+    "auto_factors",
+    "get",
+    "knob_names",
+    "make",
+    "names",
+]

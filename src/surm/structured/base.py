@@ -1,0 +1,163 @@
+"""The contract every structured matrix family follows.
+
+A family is a ``torch.nn.Module`` holding a few trainable parameters that define a
+``(out_features, in_features)`` matrix ``S``:
+
+- ``m(x)``: the fast product ``x @ S.T`` for ``x (..., in_features)`` (``nn.Linear`` orientation);
+- ``m.dense()``: the explicit ``(out_features, in_features)`` matrix, differentiable: the reference;
+- ``m.num_params``: the number of parameters;
+- ``type(m).project(M, **knobs)``: a new instance approximating the dense ``M``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+INIT_MODES = ("zero", "random")
+
+
+def as_matrix(M: Any, family: str) -> torch.Tensor:
+    """``M`` as a 2-D floating tensor (float32 at least), or a ValueError that says what is wrong."""
+    if not isinstance(M, torch.Tensor):
+        M = torch.as_tensor(M)
+    if M.dim() != 2:
+        raise ValueError(
+            f"{family}.project expects a 2-D matrix of shape (out_features, in_features); "
+            f"got a tensor of shape {tuple(M.shape)}. Pass one weight matrix at a time "
+            f"(e.g. layer.weight, or M.reshape(out_features, -1) for a batch of them)."
+        )
+    if not M.is_floating_point():
+        M = M.to(torch.get_default_dtype())
+    elif M.dtype in (torch.float16, torch.bfloat16):
+        M = M.float()
+    if M.shape[0] < 1 or M.shape[1] < 1:
+        raise ValueError(f"{family}.project got an empty matrix of shape {tuple(M.shape)}")
+    return M
+
+
+def check_positive_int(value: Any, what: str, family: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{family}: {what} must be a positive integer, got {value!r}")
+    return value
+
+
+class StructuredMatrix(nn.Module, abc.ABC):
+    """Base class of all families. Subclasses set ``name`` and implement the abstract methods.
+
+    Args:
+        out_features: m, rows of the matrix (output width).
+        in_features: n, columns of the matrix (input width).
+        init: ``"zero"`` makes the matrix exactly 0 (the PEFT start; bilinear families zero one
+            factor and draw the other at random so that the gradient is not zero);
+            ``"random"`` draws every parameter so that entries have variance about 1/n.
+    """
+
+    name: ClassVar[str] = "structured"
+
+    def __init__(self, out_features: int, in_features: int, *, init: str = "zero") -> None:
+        super().__init__()
+        self.out_features = check_positive_int(out_features, "out_features", self.name)
+        self.in_features = check_positive_int(in_features, "in_features", self.name)
+        if init not in INIT_MODES:
+            raise ValueError(f"{self.name}: init must be one of {INIT_MODES}, got {init!r}")
+        self.init = init
+
+    # -- the contract -------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features), in x's dtype."""
+        self.check_input(x)
+        return self._product(x)
+
+    @abc.abstractmethod
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """The fast product; x is already checked."""
+
+    @abc.abstractmethod
+    def dense(self) -> torch.Tensor:
+        """The explicit (out_features, in_features) matrix, differentiable."""
+
+    @abc.abstractmethod
+    def reset_parameters(self, init: str | None = None) -> None:
+        """Re-initialise in place with ``init`` (default: the mode given at construction)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def project(cls, M: torch.Tensor, **knobs: Any) -> "StructuredMatrix":
+        """A new instance, with M's shape, approximating M (see each family)."""
+
+    def knobs(self) -> dict[str, Any]:
+        """The family's knobs, enough to rebuild an instance of the same shape and size."""
+        return {}
+
+    # -- shared helpers -----------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """Number of (trainable) parameters of the structure."""
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            got = tuple(x.shape)
+            raise ValueError(
+                f"{self.name} {self.out_features}x{self.in_features}: input of shape {got} has "
+                f"{got[-1] if got else 'no'} features in its last dimension, expected "
+                f"in_features={self.in_features}. Inputs are (..., in_features) as for nn.Linear."
+            )
+
+    def _param_options(self) -> dict[str, Any]:
+        p = next(self.parameters())
+        return {"dtype": p.dtype, "device": p.device}
+
+    def extra_repr(self) -> str:
+        knobs = "".join(f", {k}={v!r}" for k, v in self.knobs().items())
+        return f"out_features={self.out_features}, in_features={self.in_features}{knobs}, params={self.num_params}"
+
+
+class LinearStructuredMatrix(StructuredMatrix):
+    """A family whose matrix is linear in one parameter tensor ``weight``, with every entry
+    equal to ``+-`` one parameter or 0 (circulant, skew-circulant, Toeplitz, symmetric Toeplitz).
+
+    Subclasses describe that map with :meth:`layout`; ``dense`` gathers through it and the
+    least-squares ``project`` follows from it: each parameter is the signed mean of the
+    entries of M it appears in, which makes the residual orthogonal to the whole family.
+    """
+
+    weight: nn.Parameter
+
+    @abc.abstractmethod
+    def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, sign), both (out_features, in_features): entry (i, j) of the matrix is
+        ``sign[i, j] * weight.flatten()[index[i, j]]``; sign 0 marks an entry that is always 0."""
+
+    def dense(self) -> torch.Tensor:
+        index, sign = self.layout()
+        flat = self.weight.reshape(-1)
+        return flat[index.to(flat.device)] * sign.to(device=flat.device, dtype=flat.dtype)
+
+    def reset_parameters(self, init: str | None = None) -> None:
+        init = init or self.init
+        with torch.no_grad():
+            if init == "zero":
+                self.weight.zero_()
+            else:
+                self.weight.normal_(0.0, self.in_features**-0.5)
+
+    @classmethod
+    def _fit_linear(cls, M: torch.Tensor, instance: "LinearStructuredMatrix") -> "LinearStructuredMatrix":
+        """Set ``instance.weight`` to the least-squares fit of M (Frobenius-optimal)."""
+        index, sign = instance.layout()
+        index, sign = index.reshape(-1).to(M.device), sign.reshape(-1).to(M.device, M.dtype)
+        size = instance.weight.numel()
+        total = torch.zeros(size, dtype=M.dtype, device=M.device).index_add_(0, index, sign * M.reshape(-1))
+        count = torch.zeros(size, dtype=M.dtype, device=M.device).index_add_(0, index, sign.abs())
+        with torch.no_grad():
+            instance.weight.copy_((total / count.clamp_min(1)).reshape(instance.weight.shape))
+        return instance

@@ -1,0 +1,71 @@
+"""Low-rank matrices ``S = B A`` (LoRA's update), the baseline the structured families replace.
+
+``B (m x r)``, ``A (r x n)``: r*(m+n) parameters. Zero init sets B = 0 and draws A, as LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import StructuredMatrix, as_matrix, check_positive_int
+
+
+class LowRank(StructuredMatrix):
+    """``B @ A`` with knob ``rank`` (r >= 1). Parameters ``A (r, n)`` and ``B (m, r)``."""
+
+    name = "low_rank"
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        *,
+        rank: int = 8,
+        init: str = "zero",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(out_features, in_features, init=init)
+        self.rank = check_positive_int(rank, "rank", self.name)
+        self.A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.empty(self.out_features, self.rank, dtype=dtype, device=device))
+        self.reset_parameters()
+
+    def knobs(self) -> dict[str, Any]:
+        return {"rank": self.rank}
+
+    def reset_parameters(self, init: str | None = None) -> None:
+        init = init or self.init
+        with torch.no_grad():
+            self.A.normal_(0.0, self.in_features**-0.5)
+            if init == "zero":
+                self.B.zero_()
+            else:
+                self.B.normal_(0.0, self.rank**-0.5)
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(x.dtype, self.A.dtype)
+        y = (x.to(dtype) @ self.A.to(dtype).T) @ self.B.to(dtype).T
+        return y.to(x.dtype)
+
+    @classmethod
+    def project(cls, M: torch.Tensor, *, rank: int = 8) -> "LowRank":
+        """Frobenius-optimal rank-r fit (Eckart-Young): the truncated SVD, singular values split
+        evenly between B and A. A rank above min(m, n) is padded with zero columns."""
+        M = as_matrix(M, cls.name)
+        inst = cls(*M.shape, rank=rank, dtype=M.dtype, device=M.device)
+        U, s, Vh = torch.linalg.svd(M, full_matrices=False)
+        k = min(inst.rank, s.numel())
+        root = s[:k].sqrt()
+        with torch.no_grad():
+            inst.A.zero_()
+            inst.B.zero_()
+            inst.A[:k] = Vh[:k] * root[:, None]
+            inst.B[:, :k] = U[:, :k] * root
+        return inst

@@ -1,0 +1,40 @@
+"""Shared parameter grid for the structured-matrix tests: every family with its knob settings,
+on odd, even, prime, square and rectangular shapes."""
+
+from surm import structured
+
+SHAPES = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 9), (6, 10), (10, 6), (13, 5), (5, 13), (12, 18)]
+
+
+def knob_settings(name, m, n):
+    """The knob dicts worth testing for family ``name`` at shape (m, n)."""
+    if name in ("circulant", "skew_circulant"):
+        settings = [{"block_size": None}]
+        for b in (2, 3):
+            if m % b == 0 and n % b == 0:
+                settings.append({"block_size": b})
+        return settings
+    if name == "kronecker":
+        return [{}, {"terms": 2}]
+    if name == "ldr":
+        return [{"rank": 1}, {"rank": 3}]
+    if name == "low_rank":
+        return [{"rank": 1}, {"rank": 3}]
+    return [{}]
+
+
+def all_cases():
+    for name in structured.names():
+        for m, n in SHAPES:
+            for knobs in knob_settings(name, m, n):
+                yield name, m, n, knobs
+
+
+def case_id(case):
+    name, m, n, knobs = case
+    extra = ",".join(f"{k}={v}" for k, v in knobs.items())
+    return f"{name}-{m}x{n}" + (f"-{extra}" if extra else "")
+
+
+CASES = list(all_cases())
+IDS = [case_id(c) for c in CASES]
