@@ -1,0 +1,23 @@
+"""SURM as a Hugging Face PEFT method (registered with PEFT on import)."""
+
+from .config import ACTIVATIONS, PLACEMENTS, SURM, SurmConfig
+from .layer import SurmLayer
+from .model import SurmModel
+from .registration import is_registered, register
+from .targets import PARALLEL_TARGETS, SERIAL_TARGETS, default_targets
+
+register()
+
+__all__ = [
+    "ACTIVATIONS",
+    "PARALLEL_TARGETS",
+    "PLACEMENTS",
+    "SERIAL_TARGETS",
+    "SURM",
+    "SurmConfig",
+    "SurmLayer",
+    "SurmModel",
+    "default_targets",
+    "is_registered",
+    "register",
+]

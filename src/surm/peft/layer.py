@@ -1,0 +1,301 @@
+"""``SurmLayer``: a target layer wrapped with one or more SURM adapters.
+
+Supported base layers, all linear maps over a feature axis:
+
+==================  ==========================  ============  ==========================
+base layer          weight layout               feature axis  as a matrix W (out, in)
+==================  ==========================  ============  ==========================
+``nn.Linear``       (out, in)                   last          weight
+transformers Conv1D (in, out)                   last          weight.T
+1x1 ``nn.Conv2d``   (out, in, 1, 1)             1 (channels)  weight[:, :, 0, 0]
+==================  ==========================  ============  ==========================
+
+Several active adapters are summed: parallel ones each add ``alpha * S(dropout(x))`` to the
+base output; serial ones each add ``act(alpha * S(dropout(h))) + beta`` where ``h`` is the
+output of the base layer plus all parallel adapters. Nothing is added in place.
+
+A serial ``low_rank`` adapter ``S = B A`` puts its nonlinearity inside the bottleneck,
+``alpha * B act(A dropout(h) + c) + beta`` with a bottleneck bias c: exactly the
+Houlsby/Pfeiffer bottleneck adapter (2*d*r + r + d parameters).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from surm import structured
+
+from .config import SurmConfig
+
+_ACTIVATIONS = {
+    "gelu": nn.functional.gelu,
+    "relu": nn.functional.relu,
+    "silu": nn.functional.silu,
+    "tanh": torch.tanh,
+    "identity": lambda h: h,
+}
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    """'linear', 'conv1d' or 'conv2d' for supported layers, None otherwise."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot carry a SURM adapter, or None if it can."""
+    kind = layer_kind(module)
+    if kind is None:
+        return (
+            f"{type(module).__name__} layers are not supported; SURM adapts nn.Linear, "
+            f"transformers Conv1D and 1x1 nn.Conv2d layers"
+        )
+    if kind == "conv2d":
+        pointwise = (
+            module.kernel_size == (1, 1)
+            and module.stride == (1, 1)
+            and module.padding in ((0, 0), "valid")
+            and module.groups == 1
+        )
+        if not pointwise:
+            return (
+                f"Conv2d(kernel_size={module.kernel_size}, stride={module.stride}, padding={module.padding}, "
+                f"groups={module.groups}) is not a pointwise convolution; SURM adapts only 1x1 convolutions "
+                f"with stride 1, no padding and groups=1 (a linear map over channels)"
+            )
+    return None
+
+
+def features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported layer."""
+    kind = layer_kind(module)
+    if kind == "linear":
+        return module.in_features, module.out_features
+    if kind == "conv1d":
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_channels, module.out_channels
+
+
+def get_matrix(module: nn.Module) -> torch.Tensor:
+    """The base weight as an (out, in) matrix (a view where possible)."""
+    kind = layer_kind(module)
+    w = module.weight
+    return w if kind == "linear" else (w.T if kind == "conv1d" else w[:, :, 0, 0])
+
+
+def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+    """Write an (out, in) matrix back into the base weight, in the weight's dtype and layout."""
+    kind = layer_kind(module)
+    w = module.weight
+    new = matrix if kind == "linear" else (matrix.T if kind == "conv1d" else matrix[:, :, None, None])
+    w.data = new.to(w.dtype).contiguous()
+
+
+class SurmLayer(nn.Module, BaseTunerLayer):
+    """A supported base layer plus SURM adapters (see the module docstring)."""
+
+    adapter_layer_names = ("surm_matrix", "surm_bias", "surm_inner_bias")
+    other_param_names = ("surm_alpha", "surm_placement", "surm_activation", "surm_dropout")
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        base = self.get_base_layer()
+        reason = unsupported_reason(base)
+        if reason:
+            raise TypeError(f"surm: {reason}")
+        self.kind = layer_kind(base)
+        self.in_features, self.out_features = features(base)
+        self.surm_matrix = nn.ModuleDict()
+        self.surm_bias = nn.ParameterDict()
+        self.surm_inner_bias = nn.ParameterDict()
+        self.surm_dropout = nn.ModuleDict()
+        self.surm_alpha: dict[str, float] = {}
+        self.surm_placement: dict[str, str] = {}
+        self.surm_activation: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self._merge_snapshot: Optional[dict[str, Any]] = None
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, knobs)
+
+    # -- building ----------------------------------------------------------------------
+    def adapter_shape(self, placement: str) -> tuple[int, int]:
+        """(out, in) of S: the layer's own shape in parallel, (out, out) in serial."""
+        if placement == "serial":
+            return self.out_features, self.out_features
+        return self.out_features, self.in_features
+
+    def update_layer(self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
+        weight = self.get_base_layer().weight
+        # FFTs and small factors want at least float32: half-precision bases get float32 adapters
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        device = weight.device if weight.device.type != "meta" else None
+        m, n = self.adapter_shape(config.placement)
+        self.surm_matrix[adapter_name] = structured.make(
+            config.structure, m, n, init=config.init, dtype=dtype, device=device, **knobs
+        )
+        if config.placement == "serial":
+            self.surm_bias[adapter_name] = nn.Parameter(torch.zeros(m, dtype=dtype, device=device))
+            if self.is_bottleneck(adapter_name):
+                rank = self.surm_matrix[adapter_name].rank
+                self.surm_inner_bias[adapter_name] = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
+        self.surm_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.surm_alpha[adapter_name] = float(config.alpha)
+        self.surm_placement[adapter_name] = config.placement
+        self.surm_activation[adapter_name] = config.activation
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def is_bottleneck(self, adapter: str) -> bool:
+        """A serial low-rank adapter: the Houlsby/Pfeiffer bottleneck form."""
+        return isinstance(self.surm_matrix[adapter], structured.LowRank) and adapter in self.surm_bias
+
+    # -- forward -----------------------------------------------------------------------
+    def _features_last(self, x: torch.Tensor, fn) -> torch.Tensor:
+        """Apply ``fn`` (..., features) -> (..., features') along the layer's feature axis."""
+        if self.kind == "conv2d":
+            return fn(x.movedim(1, -1)).movedim(-1, 1)
+        return fn(x)
+
+    def _parallel_update(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
+        """alpha * S(dropout(x)) along the feature axis."""
+        S, alpha = self.surm_matrix[adapter], self.surm_alpha[adapter]
+        return self._features_last(self.surm_dropout[adapter](x), lambda v: alpha * S(v))
+
+    def _serial_update(self, adapter: str, h: torch.Tensor) -> torch.Tensor:
+        """act(alpha * S(dropout(h))) + beta, or alpha * B act(A dropout(h) + c) + beta for a bottleneck."""
+        S, alpha = self.surm_matrix[adapter], self.surm_alpha[adapter]
+        act = _ACTIVATIONS[self.surm_activation[adapter]]
+        beta = self.surm_bias[adapter]
+        if self.is_bottleneck(adapter):
+            c = self.surm_inner_bias[adapter]
+
+            def update(v: torch.Tensor) -> torch.Tensor:
+                v = v.to(S.A.dtype)
+                return alpha * (act(v @ S.A.T + c) @ S.B.T) + beta
+
+        else:
+
+            def update(v: torch.Tensor) -> torch.Tensor:
+                return act(alpha * S(v)).to(beta.dtype) + beta
+
+        return self._features_last(self.surm_dropout[adapter](h), update)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return result
+        active = [a for a in self.active_adapters if a in self.surm_matrix]
+        for a in active:
+            if self.surm_placement[a] == "parallel":
+                result = result + self._parallel_update(a, x).to(result.dtype)
+        h = result
+        for a in active:
+            if self.surm_placement[a] == "serial":
+                result = result + self._serial_update(a, h).to(result.dtype)
+        return result
+
+    # -- merging -----------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """alpha * S.dense() of a parallel adapter, (out, in) in the base weight's dtype."""
+        if self.surm_placement[adapter] != "parallel":
+            raise ValueError(f"surm: adapter {adapter!r} is serial; it has no additive delta weight")
+        delta = self.surm_alpha[adapter] * self.surm_matrix[adapter].dense()
+        return delta.to(self.get_base_layer().weight.dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Merge adapters into the base weight: parallel ``W += alpha S``; serial (identity
+        activation only) ``W <- (I + alpha S) W``, ``b <- (I + alpha S) b + beta``, applied after the
+        parallel ones, all serial adapters of one call together (they are summed, not chained)."""
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.surm_matrix]
+        if not names:
+            return
+        serial = [a for a in names if self.surm_placement[a] == "serial"]
+        for a in serial:
+            if self.surm_activation[a] != "identity":
+                raise ValueError(
+                    f"surm: cannot merge serial adapter {a!r}: its activation {self.surm_activation[a]!r} is "
+                    f"not linear, so h + act(S h) + beta is not a linear layer. Only serial adapters with "
+                    f"activation='identity' merge; keep this one unmerged (or use placement='parallel')."
+                )
+        if self._merge_snapshot is not None:
+            raise ValueError(
+                f"surm: a serial adapter is already merged into this layer ({self._merge_snapshot['names']}); "
+                f"unmerge it before merging {names}."
+            )
+        base = self.get_base_layer()
+        W = get_matrix(base)
+        compute = torch.promote_types(W.dtype, torch.float32)
+        new_W = W.to(compute)
+        for a in names:
+            if self.surm_placement[a] == "parallel":
+                new_W = new_W + self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute)
+        new_b = None
+        if serial:
+            eye = torch.eye(self.out_features, dtype=compute, device=W.device)
+            M = eye + sum(self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute) for a in serial)
+            new_W = M @ new_W
+            b = base.bias.to(compute) if base.bias is not None else torch.zeros(self.out_features, dtype=compute, device=W.device)
+            new_b = M @ b + sum(self._serial_offset(a).to(compute) for a in serial)
+            if safe_merge and not torch.isfinite(new_b).all():
+                raise ValueError(f"surm: merging {names} gives non-finite biases; the adapter(s) seem broken")
+        if safe_merge and not torch.isfinite(new_W).all():
+            raise ValueError(f"surm: merging {names} gives non-finite weights; the adapter(s) seem broken")
+        if serial:
+            self._merge_snapshot = {
+                "names": list(names),
+                "weight": base.weight.data.clone(),
+                "bias": None if base.bias is None else base.bias.data.clone(),
+            }
+            if base.bias is None:
+                base.bias = nn.Parameter(new_b.to(base.weight.dtype), requires_grad=False)
+            else:
+                base.bias.data = new_b.to(base.bias.dtype)
+        set_matrix(base, new_W)
+        self.merged_adapters.extend(names)
+
+    def _serial_offset(self, adapter: str) -> torch.Tensor:
+        """The constant term of a linear serial adapter: beta (+ alpha * B c for a bottleneck)."""
+        offset = self.surm_bias[adapter].detach()
+        if self.is_bottleneck(adapter):
+            B = self.surm_matrix[adapter].B.detach()
+            offset = offset + self.surm_alpha[adapter] * (B @ self.surm_inner_bias[adapter].detach())
+        return offset
+
+    def unmerge(self) -> None:
+        """Undo all merges: parallel deltas are subtracted; a serial merge restores the weights
+        saved when it was made."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        base = self.get_base_layer()
+        if self._merge_snapshot is not None:
+            snap, self._merge_snapshot = self._merge_snapshot, None
+            base.weight.data = snap["weight"]
+            if snap["bias"] is None:
+                base.bias = None
+            else:
+                base.bias.data = snap["bias"]
+            self.merged_adapters = [a for a in self.merged_adapters if a not in snap["names"]]
+        while self.merged_adapters:
+            a = self.merged_adapters.pop()
+            W = get_matrix(base)
+            delta = self.surm_alpha[a] * self.surm_matrix[a].dense().detach()
+            set_matrix(base, W.to(torch.promote_types(W.dtype, delta.dtype)) - delta)
+
+    def __repr__(self) -> str:
+        return "surm." + super().__repr__()

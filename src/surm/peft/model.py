@@ -1,0 +1,125 @@
+"""``SurmModel``: the PEFT tuner that injects :class:`SurmLayer` into a model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from torch import nn
+
+from surm import structured
+
+from .config import SurmConfig
+from .layer import SurmLayer, features, unsupported_reason
+from .targets import PARALLEL_TARGETS, default_targets
+
+
+def _show(targets: Any) -> str:
+    return repr(sorted(targets)) if isinstance(targets, (set, list, tuple)) else repr(targets)
+
+
+class SurmModel(BaseTuner):
+    """Creates a SURM model from a (transformers or plain PyTorch) model; use it through
+    ``peft.get_peft_model(model, SurmConfig(...))``."""
+
+    prefix: str = "surm_"
+    tuner_layer_cls = SurmLayer
+    target_module_mapping = PARALLEL_TARGETS
+
+    def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
+        if peft_config.target_modules is None:
+            model_type = model_config.get("model_type")
+            targets = default_targets(model_type, peft_config.placement)
+            if targets is None:
+                raise ValueError(
+                    f"SurmConfig: no default target modules for model type {model_type!r} with "
+                    f"placement={peft_config.placement!r}; pass target_modules=[...] (module names or a regex)."
+                )
+            peft_config.target_modules = set(targets)
+        return peft_config
+
+    def _prepare_model(self, peft_config: SurmConfig, model: nn.Module) -> None:
+        """Check every target before any layer is replaced, so a bad config changes nothing."""
+        modules = list(model.named_modules())
+        wrapped = tuple(k + "." for k, m in modules if k and isinstance(m, BaseTunerLayer))
+        matched, candidates = [], []
+        for key, module in modules:
+            if not key or key.startswith(wrapped):
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if unsupported_reason(base) is None:
+                candidates.append(key)
+            result = check_target_module_exists(peft_config, key)
+            if result and not isinstance(result, _ExcludedModule):
+                matched.append((key, base))
+        if not matched:
+            names = sorted({k.rsplit(".", 1)[-1] for k in candidates})
+            raise ValueError(
+                f"SurmConfig: target_modules={_show(peft_config.target_modules)} matched no module of this "
+                f"model. Adaptable layer names here: {', '.join(names) or 'none'} "
+                f"(full names such as {', '.join(candidates[:3])})."
+            )
+        for key, base in matched:
+            reason = unsupported_reason(base)
+            if reason:
+                raise TypeError(f"surm: cannot adapt {key}: {reason}. Leave it out of target_modules.")
+            n_in, n_out = features(base)
+            m, n = (n_out, n_out) if peft_config.placement == "serial" else (n_out, n_in)
+            try:
+                structured.make(peft_config.structure, m, n, device="meta", **peft_config.knobs_for(key))
+            except (ValueError, TypeError) as err:
+                raise ValueError(
+                    f"surm: cannot adapt {key} ({type(base).__name__} {n_in}->{n_out}, {peft_config.placement} "
+                    f"S of shape {m}x{n}): {err}. Set a knob that fits, for this module alone with "
+                    f"knob_pattern={{'{key.rsplit('.', 1)[-1]}': {{...}}}}."
+                ) from None
+
+    def _create_and_replace(
+        self,
+        peft_config: SurmConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        knobs = peft_config.knobs_for(current_key)
+        if isinstance(target, SurmLayer):
+            target.update_layer(adapter_name, peft_config, knobs)
+            return
+        new_module = SurmLayer(target, adapter_name, peft_config, knobs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)  # an added adapter is not trainable until set active
+        self._replace_module(parent, target_name, new_module, target)
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: SurmConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's key mapping, then a check that every SURM tensor of the checkpoint has a
+        counterpart of the same shape: an adapter saved for another base model fails loudly
+        (naming the first tensor that does not fit) instead of loading partially."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        own = model.state_dict()
+        prefix = "base_model.model."
+        needs_prefix = any(k.startswith(prefix) for k in own)
+        for ckpt_key, key in zip(state_dict, remapped):
+            if cls.prefix not in key:
+                continue
+            model_key = key if needs_prefix else key.removeprefix(prefix)
+            if model_key not in own:
+                problem = f"checkpoint tensor {ckpt_key!r} has no counterpart in this model"
+            elif own[model_key].shape != remapped[key].shape:
+                problem = (
+                    f"checkpoint tensor {ckpt_key!r} has shape {tuple(remapped[key].shape)} but the model's "
+                    f"{model_key!r} has shape {tuple(own[model_key].shape)}"
+                )
+            else:
+                continue
+            raise ValueError(
+                f"surm: the adapter does not fit this base model: {problem}. Was it saved for a different "
+                f"base model or with other knobs?"
+            )
+        return remapped
