@@ -222,9 +222,10 @@ def _stratified_split(positions: np.ndarray, labels: np.ndarray, fractions: Sequ
 def _stratified_subset(positions: np.ndarray, labels: np.ndarray, size: int, rng) -> np.ndarray:
     """``size`` of ``positions`` (kept in their order), every class in proportion.
 
-    Each class is shuffled and its members are ranked ``i / n_c``; the ``size`` smallest
-    ranks are kept. Rank 0 comes first, so every class is represented once ``size``
-    reaches the number of classes, and a smaller subset is a prefix of a larger one.
+    Each class is shuffled and its i-th member is ranked ``(i + 0.5) / n_c``, except the
+    first, ranked 0; the ``size`` smallest ranks are kept. So every class is represented
+    once ``size`` reaches the number of classes, class c gets ``round(size / n * n_c)``
+    give or take one, and a smaller subset is a prefix of a larger one.
     """
     if size >= len(positions):
         return positions
@@ -233,8 +234,9 @@ def _stratified_subset(positions: np.ndarray, labels: np.ndarray, size: int, rng
     pos_labels = labels[positions]
     for c in np.unique(pos_labels):
         members = rng.permutation(np.flatnonzero(pos_labels == c))
-        rank[members] = np.arange(len(members)) / len(members)
-    keep = np.lexsort((tiebreak, rank))[: max(size, 0)]
+        rank[members] = (np.arange(len(members)) + 0.5) / len(members)
+        rank[members[0]] = 0.0
+    keep = np.lexsort((tiebreak, rank))[:size]
     return positions[np.sort(keep)]
 
 
