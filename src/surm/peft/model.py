@@ -118,8 +118,20 @@ class SurmModel(BaseTuner):
                 )
             else:
                 continue
+            _remove_adapter(model, adapter_name)
             raise ValueError(
                 f"surm: the adapter does not fit this base model: {problem}. Was it saved for a different "
                 f"base model or with other knobs?"
             )
         return remapped
+
+
+def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Take a half-loaded adapter out again, leaving the base model as it was before loading."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, SurmModel):
+        return
+    if list(tuner.peft_config) == [adapter_name]:
+        tuner.unload()
+    else:
+        tuner.delete_adapter(adapter_name)
