@@ -1,0 +1,302 @@
+"""Fine-tuning methods by name: parse a compact method string and apply it to a model.
+
+Method strings (``kind[:positional][:key=value]...``)::
+
+    full                         full fine-tuning: every parameter trains
+    head                         the classification head only (linear probe on the frozen model)
+    bitfit                       every bias (and the head)                         (Ben Zaken et al.)
+    lora:R                       PEFT LoRA rank R on the adapted layers, lora_alpha=8, no dropout
+    houlsby:R                    bottleneck adapters of width R after the attention output and the
+                                 FFN output of every block: SURM serial low_rank + relu
+    pfeiffer:R                   the same, after the FFN output only
+    surm:STRUCTURE[:PLACEMENT]   SURM with a structured matrix; PLACEMENT parallel (default, LoRA
+                                 positions) or serial (adapter positions, no bottleneck, gelu)
+
+Knobs follow as ``key=value``: ``block_size``, ``rank``, ``terms``, ``factors`` (SURM), ``alpha``
+(SURM scale, or LoRA's lora_alpha), ``dropout``, ``activation`` (serial).  Examples:
+``lora:8``, ``surm:circulant``, ``surm:circulant:block_size=128``, ``surm:ldr:rank=2``,
+``surm:toeplitz:serial``, ``houlsby:32``, ``pfeiffer:24``.
+
+Every method also trains the classification head (``modules_to_save``).  Where adapters go is
+given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: query/value for parallel
+updates, attention-output and FFN-output projections for serial ones) or :data:`IMAGE`
+(EfficientNet-Lite0: every 1x1 convolution).
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import peft
+import torch
+from torch import nn
+
+import surm
+from surm import structured
+
+__all__ = [
+    "DEFAULT_LR",
+    "IMAGE",
+    "KINDS",
+    "TEXT",
+    "Method",
+    "Profile",
+    "apply",
+    "count_trainable",
+    "default_lr",
+    "parse",
+    "plain_pointwise_convs",
+]
+
+KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "surm")
+_NEEDS_RANK = ("lora", "houlsby", "pfeiffer")
+_KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation")
+
+#: Default learning rates (AdamW, linear schedule, 6 % warm-up, batch 16), from the sweep in
+#: docs/lr_sweep.md.  Keys: a method kind, "surm:<placement>", or "surm:<structure>" (parallel)
+#: and "surm:<structure>:serial" for a family that wants its own.
+DEFAULT_LR: dict[str, float] = {
+    "full": 1e-4,
+    "head": 3e-3,
+    "bitfit": 3e-3,
+    "lora": 1e-3,
+    "houlsby": 1e-3,
+    "pfeiffer": 1e-3,
+    "surm:parallel": 3e-3,
+    "surm:serial": 3e-3,
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A parsed method string (see the module docstring)."""
+
+    kind: str
+    structure: str | None = None
+    placement: str = "parallel"
+    rank: int | None = None
+    knobs: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def name(self) -> str:
+        """The canonical method string; ``parse(m.name) == m``."""
+        parts = [self.kind]
+        if self.kind == "surm":
+            parts.append(self.structure)
+            if self.placement != "parallel":
+                parts.append(self.placement)
+        elif self.rank is not None:
+            parts.append(str(self.rank))
+        parts += [f"{k}={_show(v)}" for k, v in self.knobs]
+        return ":".join(parts)
+
+    @property
+    def label(self) -> str:
+        """A short human label, e.g. ``SURM circulant (serial)`` or ``LoRA r=8``."""
+        knobs = "".join(f" {k}={_show(v)}" for k, v in self.knobs)
+        if self.kind == "surm":
+            return f"SURM {self.structure}" + (" (serial)" if self.placement == "serial" else "") + knobs
+        names = {"full": "full fine-tuning", "head": "head only", "bitfit": "BitFit", "lora": "LoRA",
+                 "houlsby": "Houlsby adapter", "pfeiffer": "Pfeiffer adapter"}
+        rank = f" r={self.rank}" if self.rank is not None else ""
+        return names[self.kind] + rank + knobs
+
+    @property
+    def lr_keys(self) -> tuple[str, ...]:
+        """Keys of :data:`DEFAULT_LR` that apply, most specific first: ``lora``, or
+        ``surm:kronecker`` / ``surm:kronecker:serial`` then ``surm:parallel`` / ``surm:serial``."""
+        if self.kind != "surm":
+            return (self.kind,)
+        own = f"surm:{self.structure}" + (":serial" if self.placement == "serial" else "")
+        return (own, f"surm:{self.placement}")
+
+    def knob(self, key: str, default: Any = None) -> Any:
+        return dict(self.knobs).get(key, default)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where a model's head is and where adapters go.
+
+    ``parallel`` (LoRA and parallel SURM), ``serial`` (Houlsby positions) and ``ffn_out``
+    (Pfeiffer position) are PEFT ``target_modules`` (a list of suffixes or a regex); ``None``
+    means SURM's per-model-type defaults. ``lr`` overrides :data:`DEFAULT_LR` entries.
+    """
+
+    head: str
+    parallel: Any = None
+    serial: Any = None
+    ffn_out: Any = None
+    lora: Any = ("query", "value")
+    lr: dict[str, float] = field(default_factory=dict)
+
+
+TEXT = Profile(head="classifier", ffn_out=r".*layer\.\d+\.output\.dense", lora=("query", "value"))
+
+_CONV1X1 = r".*(_expand_conv|_project_conv|_conv_head)"
+IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_project_conv", lora=_CONV1X1,
+                lr={})
+
+
+def parse(text: str) -> Method:
+    """Parse a method string such as ``"surm:circulant:block_size=128"`` (module docstring).
+
+    Raises ValueError with the grammar on anything it does not understand.
+    """
+    parts = [p.strip() for p in str(text).strip().split(":")]
+    kind = parts[0].lower()
+    if kind not in KINDS:
+        raise ValueError(f"unknown method {text!r}: it must start with one of {', '.join(KINDS)}. {_GRAMMAR}")
+    positional = [p for p in parts[1:] if "=" not in p]
+    knobs: dict[str, Any] = {}
+    for part in parts[1:]:
+        if "=" in part:
+            key, value = (s.strip() for s in part.split("=", 1))
+            if key not in _KNOBS:
+                raise ValueError(f"method {text!r}: unknown knob {key!r}; knobs: {', '.join(_KNOBS)}")
+            knobs[key] = _value(value)
+    structure, placement, rank = None, "parallel", None
+    if kind == "surm":
+        if not positional:
+            raise ValueError(f"method {text!r}: name a structure, e.g. surm:circulant; one of {structured.names()}")
+        structure = positional.pop(0)
+        structured.get(structure)  # ValueError listing the known structures
+        if positional:
+            placement = positional.pop(0)
+            if placement not in surm.peft.PLACEMENTS:
+                raise ValueError(f"method {text!r}: placement must be one of {surm.peft.PLACEMENTS}")
+    elif kind in _NEEDS_RANK:
+        if not positional or not positional[0].isdigit() or int(positional[0]) < 1:
+            raise ValueError(f"method {text!r}: give a positive rank, e.g. {kind}:8")
+        rank = int(positional.pop(0))
+    if positional:
+        raise ValueError(f"method {text!r}: unexpected part(s) {positional}. {_GRAMMAR}")
+    if kind in ("full", "head", "bitfit") and knobs:
+        raise ValueError(f"method {text!r}: {kind} takes no knobs")
+    return Method(kind, structure, placement, rank, tuple(sorted(knobs.items())))
+
+
+_GRAMMAR = (
+    "Method strings: full | head | bitfit | lora:R | houlsby:R | pfeiffer:R | "
+    "surm:STRUCTURE[:parallel|serial] with optional :key=value knobs (e.g. surm:ldr:rank=2)."
+)
+
+
+def _value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _show(value: Any) -> str:
+    return str(value).replace(" ", "")
+
+
+def default_lr(method: Method | str, profile: Profile | None = None) -> float:
+    """The default learning rate of a method: ``profile.lr``, else :data:`DEFAULT_LR`."""
+    method = parse(method) if isinstance(method, str) else method
+    for table in (profile.lr if profile is not None else {}, DEFAULT_LR):
+        for key in method.lr_keys:
+            if key in table:
+                return table[key]
+    raise KeyError(f"no default learning rate for {method.name}")
+
+
+def apply(model: nn.Module, method: Method | str, profile: Profile = TEXT) -> nn.Module:
+    """Make ``model`` ready to fine-tune with ``method``; returns the model to train.
+
+    ``full``, ``head`` and ``bitfit`` set ``requires_grad`` on ``model`` itself and return it;
+    the adapter methods return a ``peft.PeftModel`` wrapping it (whose head is a trainable copy,
+    ``modules_to_save``).
+    """
+    method = parse(method) if isinstance(method, str) else method
+    if method.kind in ("full", "head", "bitfit"):
+        head = _find(model, profile.head)
+        for name, param in model.named_parameters():
+            trainable = (
+                method.kind == "full"
+                or name.startswith(head + ".")
+                or (method.kind == "bitfit" and name.rsplit(".", 1)[-1] == "bias")
+            )
+            param.requires_grad_(trainable)
+        return model
+    with warnings.catch_warnings():  # peft asks transformers >= 5 a deprecated question
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return peft.get_peft_model(model, _peft_config(method, profile))
+
+
+def _peft_config(method: Method, profile: Profile) -> peft.PeftConfig:
+    knobs = dict(method.knobs)
+    save = [profile.head]
+    if method.kind == "lora":
+        targets = profile.lora if isinstance(profile.lora, str) else list(profile.lora)
+        return peft.LoraConfig(
+            r=method.rank, lora_alpha=knobs.get("alpha", 8), lora_dropout=knobs.get("dropout", 0.0),
+            target_modules=targets, modules_to_save=save,
+        )
+    if method.kind in ("houlsby", "pfeiffer"):
+        targets = profile.serial if method.kind == "houlsby" else profile.ffn_out
+        return surm.SurmConfig(
+            structure="low_rank", rank=method.rank, placement="serial",
+            activation=knobs.pop("activation", "relu"), target_modules=targets, modules_to_save=save, **knobs,
+        )
+    targets = profile.serial if method.placement == "serial" else profile.parallel
+    return surm.SurmConfig(
+        structure=method.structure, placement=method.placement, target_modules=targets,
+        modules_to_save=save, **knobs,
+    )
+
+
+def plain_pointwise_convs(model: nn.Module) -> nn.Module:
+    """Replace every 1x1, stride-1, ungrouped convolution whose class is a *subclass* of
+    ``nn.Conv2d`` by a plain ``nn.Conv2d`` with the same weights, in place; returns ``model``.
+
+    EfficientNet-Lite's ``Conv2dDynamicSamePadding`` pads nothing at 1x1 / stride 1, so the
+    swap changes no output, but PEFT's LoRA builds its factors with the base layer's own class
+    and positional arguments, which that subclass reads differently (padding as dilation).
+    """
+    for name, module in list(model.named_modules()):
+        if (
+            type(module) is not nn.Conv2d
+            and isinstance(module, nn.Conv2d)
+            and module.kernel_size == (1, 1)
+            and tuple(module.stride) == (1, 1)
+            and module.groups == 1
+        ):
+            plain = nn.Conv2d(module.in_channels, module.out_channels, 1, bias=module.bias is not None)
+            plain.to(module.weight.dtype).to(module.weight.device)
+            plain.load_state_dict(module.state_dict())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, plain)
+    return model
+
+
+def _find(model: nn.Module, name: str) -> str:
+    """Full name of the module called ``name`` (or ending in ``.name``)."""
+    for full, _ in model.named_modules():
+        if full == name or full.endswith("." + name):
+            return full
+    raise ValueError(f"no module called {name!r} in {type(model).__name__} (the classification head)")
+
+
+def count_trainable(model: nn.Module, exclude_head: str | None = None) -> int:
+    """Number of trainable parameters; with ``exclude_head``, those of modules whose name
+    contains that component are left out (for PEFT, both the original head and its copy)."""
+    total = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if exclude_head and re.search(rf"(^|\.){re.escape(exclude_head)}(\.|$)", name):
+            continue
+        total += param.numel()
+    return total
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``model`` (detached, contiguous), by parameter name."""
+    return {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

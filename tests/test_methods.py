@@ -1,0 +1,157 @@
+"""surm.methods: the method-string grammar, applying methods to a model, learning-rate defaults."""
+
+import peft
+import pytest
+import torch
+from torch import nn
+
+from surm import methods
+from surm.peft import SurmLayer
+
+from .peft.tiny_models import bert
+
+
+@pytest.mark.parametrize(
+    "text, kind, structure, placement, rank, knobs",
+    [
+        ("full", "full", None, "parallel", None, {}),
+        ("head", "head", None, "parallel", None, {}),
+        ("bitfit", "bitfit", None, "parallel", None, {}),
+        ("lora:8", "lora", None, "parallel", 8, {}),
+        ("lora:4:alpha=16", "lora", None, "parallel", 4, {"alpha": 16}),
+        ("houlsby:32", "houlsby", None, "parallel", 32, {}),
+        ("pfeiffer:24", "pfeiffer", None, "parallel", 24, {}),
+        ("surm:circulant", "surm", "circulant", "parallel", None, {}),
+        ("surm:circulant:block_size=128", "surm", "circulant", "parallel", None, {"block_size": 128}),
+        ("surm:toeplitz:serial", "surm", "toeplitz", "serial", None, {}),
+        ("surm:ldr:rank=2:alpha=0.5", "surm", "ldr", "parallel", None, {"rank": 2, "alpha": 0.5}),
+        ("surm:kronecker:factors=((4,6),(6,4))", "surm", "kronecker", "parallel", None, {"factors": ((4, 6), (6, 4))}),
+        (" SURM:circulant ", "surm", "circulant", "parallel", None, {}),
+    ],
+)
+def test_parse(text, kind, structure, placement, rank, knobs):
+    m = methods.parse(text)
+    assert (m.kind, m.structure, m.placement, m.rank, dict(m.knobs)) == (kind, structure, placement, rank, knobs)
+    assert methods.parse(m.name) == m  # the canonical name round-trips
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("adapter", "must start with one of"),
+        ("lora", "positive rank"),
+        ("lora:0", "positive rank"),
+        ("lora:x", "positive rank"),
+        ("surm", "name a structure"),
+        ("surm:fourier", "unknown structure"),
+        ("surm:circulant:sideways", "placement"),
+        ("surm:circulant:size=3", "unknown knob"),
+        ("full:alpha=2", "takes no knobs"),
+        ("lora:8:9", "unexpected"),
+    ],
+)
+def test_parse_errors(text, needle):
+    with pytest.raises(ValueError, match=needle):
+        methods.parse(text)
+
+
+def test_labels_are_readable():
+    assert methods.parse("lora:8").label == "LoRA r=8"
+    assert methods.parse("surm:toeplitz:serial").label == "SURM toeplitz (serial)"
+    assert methods.parse("surm:ldr:rank=2").label == "SURM ldr rank=2"
+    assert methods.parse("head").label == "head only"
+
+
+def test_default_lr_lookup_chain(monkeypatch):
+    monkeypatch.setitem(methods.DEFAULT_LR, "surm:kronecker", 0.123)
+    assert methods.default_lr("surm:kronecker") == 0.123
+    assert methods.default_lr("surm:kronecker:serial") == methods.DEFAULT_LR["surm:serial"]
+    assert methods.default_lr("surm:circulant") == methods.DEFAULT_LR["surm:parallel"]
+    assert methods.default_lr("lora:1") == methods.DEFAULT_LR["lora"]
+    profile = methods.Profile(head="classifier", lr={"lora": 0.5})
+    assert methods.default_lr("lora:8", profile) == 0.5
+    assert methods.default_lr("head", profile) == methods.DEFAULT_LR["head"]
+    for kind in ("full", "head", "bitfit", "lora:1", "houlsby:2", "pfeiffer:2", "surm:ldr", "surm:circulant:serial"):
+        assert methods.default_lr(kind) > 0
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_head_bitfit_set_requires_grad():
+    model, _, _ = bert(torch.float32)
+    n_all = sum(p.numel() for p in model.parameters())
+    assert methods.count_trainable(methods.apply(model, "full")) == n_all
+    methods.apply(model, "head")
+    assert _trainable(model) == {"classifier.weight", "classifier.bias"}
+    methods.apply(model, "bitfit")
+    names = _trainable(model)
+    assert "classifier.weight" in names and all(n.endswith("bias") or n.startswith("classifier") for n in names)
+    assert any("attention.self.query.bias" in n for n in names)
+    assert methods.count_trainable(model, exclude_head="classifier") == sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith("bias") and not n.startswith("classifier")
+    )
+
+
+@pytest.mark.parametrize(
+    "method, expected_adapter_params",
+    [
+        ("lora:2", 2 * 2 * (24 + 24) * 2),  # 2 layers x (query, value) x r (m + n)
+        ("surm:circulant", 2 * 2 * 24),
+        ("surm:toeplitz", 2 * 2 * 47),
+        ("surm:circulant:serial", 2 * 2 * (24 + 24)),  # Houlsby positions: S (24) + beta (24)
+        ("houlsby:4", 2 * 2 * (2 * 24 * 4 + 4 + 24)),
+        ("pfeiffer:4", 2 * 1 * (2 * 24 * 4 + 4 + 24)),
+    ],
+)
+def test_adapter_methods_count_and_train_the_head(method, expected_adapter_params):
+    model, inputs, run = bert(torch.float32)
+    wrapped = methods.apply(model, method)
+    assert isinstance(wrapped, peft.PeftModel)
+    assert methods.count_trainable(wrapped, exclude_head="classifier") == expected_adapter_params
+    head = [n for n in _trainable(wrapped) if "classifier" in n]
+    assert head and all("modules_to_save" in n for n in head)
+    assert run(wrapped).shape == (2, 3)
+
+
+def test_surm_knobs_reach_the_layers():
+    model, _, _ = bert(torch.float32)
+    wrapped = methods.apply(model, "surm:circulant:block_size=8:alpha=0.5")
+    layers = [m for m in wrapped.modules() if isinstance(m, SurmLayer)]
+    assert layers and all(layer.surm_alpha["default"] == 0.5 for layer in layers)
+    assert all(layer.surm_matrix["default"].num_params == 24 * 24 // 8 for layer in layers)
+
+
+class _SamePadConv(nn.Conv2d):
+    """A Conv2d subclass with another positional signature, as EfficientNet's."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, groups=1, bias=True):
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = _SamePadConv(3, 8, 3)
+        self._expand_conv = _SamePadConv(8, 12, 1, bias=False)
+        self._project_conv = _SamePadConv(12, 8, 1)
+        self._fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self._project_conv(torch.relu(self._expand_conv(self.stem(x))))
+        return self._fc(h.mean((2, 3)))
+
+
+def test_plain_pointwise_convs_keeps_outputs_and_lets_lora_in():
+    net = _Net().eval()
+    x = torch.randn(2, 3, 9, 9)
+    before = net(x)
+    methods.plain_pointwise_convs(net)
+    assert type(net._expand_conv) is nn.Conv2d and type(net._project_conv) is nn.Conv2d
+    assert type(net.stem) is _SamePadConv  # not pointwise: untouched
+    torch.testing.assert_close(net(x), before)
+    for method in ("lora:2", "surm:circulant", "surm:toeplitz:serial"):
+        model = methods.apply(methods.plain_pointwise_convs(_Net()), method, methods.IMAGE)
+        assert methods.count_trainable(model, exclude_head="_fc") > 0
+        assert model(x).shape == (2, 3)

@@ -1,0 +1,180 @@
+"""surm.train and ``surm finetune``: batching, metrics, the loop, memory, and a tiny end-to-end run."""
+
+import argparse
+import json
+
+import numpy as np
+import peft
+import pytest
+import torch
+from sklearn.metrics import f1_score
+from torch import nn
+
+from surm import train
+from surm.commands import finetune
+from surm.data import DatasetSplits, Split
+from surm.models import packaged_text_model_path
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(packaged_text_model_path()), local_files_only=True)
+
+
+def _split(texts, labels):
+    return Split(inputs=list(texts), labels=np.asarray(labels, dtype=np.int64), ids=np.arange(len(labels)))
+
+
+def test_text_batches_pad_to_the_longest_and_group_by_length(tokenizer):
+    texts = ["a"] * 20 + ["a much longer sentence with many more words in it"] * 20
+    split = _split(texts, [0, 1] * 20)
+    batcher = train.TextBatcher(tokenizer, max_length=8)
+    rng = np.random.default_rng(0)
+    index_batches = batcher.train_batches(split, 4, rng)
+    assert sorted(np.concatenate(index_batches).tolist()) == list(range(40))  # each example once
+    lengths = [len(s) for s in batcher.encode(split)]
+    assert max(lengths) == 8  # truncated at max_length
+    for rows, (inputs, labels) in zip(index_batches, batcher.batches(split, index_batches)):
+        assert inputs["input_ids"].shape[1] == max(lengths[i] for i in rows)
+        assert len({lengths[i] for i in rows}) == 1  # grouped: short and long never share a batch here
+        assert (inputs["attention_mask"].sum(1) == torch.tensor([lengths[i] for i in rows])).all()
+        assert labels.tolist() == split.labels[rows].tolist()
+    assert sorted(np.concatenate(batcher.eval_batches(split, 7)).tolist()) == list(range(40))
+
+
+def test_scores_match_sklearn():
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 4, 200)
+    s = train.scores(labels, preds)
+    assert s["accuracy"] == pytest.approx(np.mean(labels == preds))
+    assert s["macro_f1"] == pytest.approx(f1_score(labels, preds, average="macro"))
+
+
+class _VectorBatcher:
+    """Batches of a float array split: inputs (B, d)."""
+
+    def batches(self, split, index_batches):
+        for rows in index_batches:
+            yield torch.as_tensor(split.inputs[rows]), torch.as_tensor(split.labels[rows])
+
+    def train_batches(self, split, batch_size, rng):
+        order = rng.permutation(len(split))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    def eval_batches(self, split, batch_size):
+        return [np.arange(i, min(i + batch_size, len(split))) for i in range(0, len(split), batch_size)]
+
+
+def _blobs(n, seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 4)).astype(np.float32) + 3 * np.eye(3, 4, dtype=np.float32)[labels]
+    return Split(inputs=x, labels=labels.astype(np.int64), ids=np.arange(n))
+
+
+def test_finetune_learns_a_separable_problem_and_reports_everything():
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(256, 0), _blobs(64, 1), _blobs(64, 2))
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    config = train.TrainConfig(lr=3e-2, epochs=3, batch_size=16, progress=False)
+    result = train.finetune(model, _VectorBatcher(), splits, config)
+    assert result["train"]["steps"] == 48
+    assert result["train"]["losses"][-1] < 0.5 * result["train"]["losses"][0]
+    assert result["test"]["accuracy"] > 0.9 and result["validation"]["n"] == 64
+    assert result["train_seconds"] > 0 and np.isfinite(result["peak_memory_mb"])
+    assert result["memory_measure"] and result["config"]["lr"] == 3e-2
+    json.dumps(result)  # JSON-able
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(160, 0), _blobs(8, 1), _blobs(8, 2))
+    model = nn.Linear(4, 3)
+    seen = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.optim.AdamW, "step", spy)
+        train.train(model, _VectorBatcher(), splits.train, train.TrainConfig(lr=1.0, epochs=10, batch_size=16,
+                                                                             warmup_ratio=0.1, progress=False))
+    assert len(seen) == 100
+    assert seen[0] < seen[5] < seen[9] <= 1.0  # warm-up over 10 steps
+    assert seen[10] == pytest.approx(1.0) and seen[-1] == pytest.approx(1 / 90)
+    assert all(a >= b for a, b in zip(seen[10:], seen[11:]))
+
+
+def test_min_steps_and_fractional_epochs():
+    config = train.TrainConfig(batch_size=16, epochs=0.5)
+    assert train.num_steps(100, config) == 4
+    config.min_steps = 30
+    assert train.num_steps(100, config) == 30
+
+
+def test_diverging_training_raises():
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(64, 0), _blobs(8, 1), _blobs(8, 2))
+    model = nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        train.train(model, _VectorBatcher(), splits.train, train.TrainConfig(progress=False))
+
+
+def test_memory_tracker_sees_an_allocation():
+    with train.MemoryTracker() as memory:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        block += 1
+        import time
+
+        time.sleep(0.1)
+    del block
+    assert memory.growth_mb > 32 and "RSS" in memory.how
+
+
+def _args(tmp_path, **changes):
+    parser = argparse.ArgumentParser()
+    finetune.add_parser(parser.add_subparsers())
+    argv = ["finetune", "--data", "rotten_tomatoes", "--model", "tiny-bert", "--max-train", "24", "--max-eval", "16",
+            "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"]
+    for key, value in changes.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return parser.parse_args(argv)
+
+
+def test_finetune_command_end_to_end_saves_a_reloadable_adapter(tmp_path, capsys):
+    args = _args(tmp_path, method="surm:circulant", lr=0.05, epochs=2)
+    record = args.func(args)
+    out = tmp_path / "run"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["method"] == "surm:circulant" and saved["lr"] == 0.05
+    assert saved["sizes"]["train"] == 24 and saved["sizes"]["test"] == 16
+    assert saved["train"]["steps"] == 6 and saved["adapter_params"] == 2 * 2 * 32
+    assert {"validation", "test", "train_seconds", "peak_memory_mb", "trainable_params"} <= set(saved)
+    assert "test       accuracy" in capsys.readouterr().out
+
+    # the saved adapter reproduces the trained model's test predictions
+    from surm.experiments.common import load_splits, make_model
+
+    spec = finetune.spec_from_args(args)
+    splits = load_splits(spec)
+    base, batcher, _ = make_model(spec, splits.num_labels)
+    reloaded = peft.PeftModel.from_pretrained(base, str(out / "adapter"))
+    assert train.evaluate(reloaded, batcher, splits.test)["accuracy"] == pytest.approx(record["test"]["accuracy"])
+
+
+@pytest.mark.parametrize("method", ["head", "lora:2"])
+def test_finetune_command_other_methods(tmp_path, method):
+    record = finetune.run(_args(tmp_path, method=method))
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert (tmp_path / "run" / ("trainable.safetensors" if method == "head" else "adapter")).exists()
+    assert record["adapter_params"] == (0 if method == "head" else 2 * 2 * 2 * (32 + 32))
+
+
+def test_finetune_command_rejects_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="unknown data set"):
+        finetune.run(_args(tmp_path, data="imdb"))
+    with pytest.raises(SystemExit, match="must start with one of"):
+        finetune.run(_args(tmp_path, method="prefix:8"))
