@@ -1,0 +1,8 @@
+"""``python -m surm ...``: the same as the ``surm`` command."""
+
+import sys
+
+from surm.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
