@@ -7,15 +7,25 @@ A family is a ``torch.nn.Module`` holding a few trainable parameters that define
 - ``m.dense()``: the explicit ``(out_features, in_features)`` matrix, differentiable: the reference;
 - ``m.num_params``: the number of parameters;
 - ``type(m).project(M, **knobs)``: a new instance approximating the dense ``M``.
+
+For the fused LoRA-style layer (:mod:`surm.structured.fused`) every family also has
+
+- ``m.merge(weight, scale)``: ``weight + scale * S`` built in O(m n) without index tensors;
+- ``m.param_grads(x, g)``: the adjoint, the gradients of ``sum_t g_t . (S x_t)`` with respect
+  to the parameters (in ``m.param_names()`` order) without building ``g^T x`` where a family
+  has something cheaper; ``m.dense_param_grads(x, g)`` is the generic reference.
 """
 
 from __future__ import annotations
 
 import abc
+import operator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from ._fft import fft_dtype
 
 INIT_MODES = ("zero", "random")
 
@@ -112,6 +122,77 @@ class StructuredMatrix(nn.Module, abc.ABC):
                 f"in_features={self.in_features}. Inputs are (..., in_features) as for nn.Linear."
             )
 
+    # -- fused parallel linear support (see surm.structured.fused) ---------------------
+    def param_names(self) -> tuple[str, ...]:
+        """Names of the parameters, in the order :meth:`param_grads` returns their gradients."""
+        return tuple(name for name, _ in self.named_parameters())
+
+    def param_tensors(self) -> tuple[torch.Tensor, ...]:
+        """The current parameter tensors, looked up by name (so that ``torch.func.functional_call``
+        substitutes are seen), in :meth:`param_names` order."""
+        return tuple(operator.attrgetter(name)(self) for name in self.param_names())
+
+    def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
+        """``dense()`` in ``dtype``; families override this with an O(m n) construction."""
+        return self.dense().to(dtype)
+
+    def merge(self, weight: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``weight + scale * S`` as a new (out_features, in_features) tensor.
+
+        Computed in ``dtype`` (default: the promoted dtype of weight and the parameters, half
+        precision raised to float32, so that a bf16 merge rounds once). Differentiable, but
+        meant for no-grad use (the fused layer, merging an adapter into its base weight).
+        """
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(
+                f"{self.name} {self.out_features}x{self.in_features}: cannot merge into a weight of "
+                f"shape {tuple(weight.shape)}; expected (out_features, in_features) = {self.shape}"
+            )
+        dtype = dtype or fft_dtype(weight, *self.param_tensors())
+        return torch.add(weight.to(dtype), self._dense_for_merge(dtype), alpha=scale)
+
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The adjoint: gradients of ``sum_t g_t . (S x_t)`` with respect to the parameters.
+
+        x (..., in_features) and g (..., out_features) with the same leading dims (tokens,
+        flattened). Returns one tensor per parameter, in :meth:`param_names` order, each in
+        its parameter's dtype. This default is :meth:`dense_param_grads`; families override
+        it with a cheaper adjoint (FFT correlations, reshapes and small matmuls).
+        """
+        return self.dense_param_grads(x, g)
+
+    def dense_param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Generic adjoint, correct for every family: ``G = g^T x`` (m x n), then the
+        vector-Jacobian product of :meth:`dense` with G. The reference in tests, and the
+        fallback of families without a specialised adjoint. Costs a (m x T) @ (T x n) matmul
+        plus the backward of ``dense()``."""
+        x2, g2 = self._flatten_tokens(x, g)
+        params = self.param_tensors()
+        dtype = fft_dtype(x2, g2, *params)
+        G = g2.to(dtype).T @ x2.to(dtype)
+        detached = [p.detach().requires_grad_(True) for p in params]
+        with torch.enable_grad():
+            D = self._dense_with(detached)
+            grads = torch.autograd.grad(D, detached, G.to(D.dtype), allow_unused=True)
+        return tuple(
+            (torch.zeros_like(p) if gr is None else gr.to(p.dtype)) for p, gr in zip(params, grads)
+        )
+
+    def _dense_with(self, params: list[torch.Tensor]) -> torch.Tensor:
+        """``dense()`` evaluated with ``params`` substituted for the parameters."""
+        substitutes = {f"S.{k}": v for k, v in zip(self.param_names(), params)}
+        return torch.func.functional_call(_DenseOf(self), substitutes, ())
+
+    def _flatten_tokens(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(x)
+        if g.shape[-1] != self.out_features or g.shape[:-1] != x.shape[:-1]:
+            raise ValueError(
+                f"{self.name} {self.out_features}x{self.in_features}: output gradient of shape "
+                f"{tuple(g.shape)} does not match input of shape {tuple(x.shape)}; expected "
+                f"{(*x.shape[:-1], self.out_features)}"
+            )
+        return x.reshape(-1, self.in_features), g.reshape(-1, self.out_features)
+
     def _param_options(self) -> dict[str, Any]:
         p = next(self.parameters())
         return {"dtype": p.dtype, "device": p.device}
@@ -161,3 +242,14 @@ class LinearStructuredMatrix(StructuredMatrix):
         with torch.no_grad():
             instance.weight.copy_((total / count.clamp_min(1)).reshape(instance.weight.shape))
         return instance
+
+
+class _DenseOf(nn.Module):
+    """Wraps a family so that ``torch.func.functional_call`` can evaluate its ``dense()``."""
+
+    def __init__(self, S: StructuredMatrix) -> None:
+        super().__init__()
+        self.S = S
+
+    def forward(self) -> torch.Tensor:
+        return self.S.dense()

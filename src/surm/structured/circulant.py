@@ -22,7 +22,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._fft import fft_dtype, negacyclic_mask
+from ._fft import (
+    ZeroPadder,
+    chunk_rows,
+    diagonal_sums,
+    fft_cost,
+    fft_dtype,
+    matmul_cost,
+    negacyclic_mask,
+    toeplitz_from_lags,
+)
 from .base import LinearStructuredMatrix, as_matrix, check_positive_int
 
 
@@ -99,6 +108,93 @@ class _FCirculant(LinearStructuredMatrix):
         y = torch.fft.irfft(y_f, n=size)[..., :b]  # (..., p, b)
         y = y.reshape(*x.shape[:-1], p * b)[..., :m]
         return y.to(x.dtype)
+
+    # -- fused-layer support ------------------------------------------------------------
+    def _lags(self, dtype: torch.dtype) -> torch.Tensor:
+        """(p, q, rows+cols-1) Toeplitz lag vectors of the blocks: lag d = i - j in
+        [-(cols-1), rows-1] at index d + cols - 1 holds w[d mod b], times f when d < 0."""
+        (p, q), b = self.grid, self.block
+        rows, cols = (self.out_features, self.in_features) if p == q == 1 else (b, b)
+        d = torch.arange(-(cols - 1), rows, device=self.weight.device)
+        w = self.weight.to(dtype)[..., d % b]
+        if self.f == -1:
+            w = w * torch.where(d < 0, -1.0, 1.0).to(w)
+        return w
+
+    def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
+        (p, q), b = self.grid, self.block
+        m, n = self.out_features, self.in_features
+        if p == q == 1:
+            return toeplitz_from_lags(self._lags(dtype)[0, 0], m, n)
+        blocks = toeplitz_from_lags(self._lags(dtype), b, b)  # (p, q, b, b)
+        return blocks.permute(0, 2, 1, 3).reshape(m, n)
+
+    def adjoint_method(self, tokens: int, device: torch.device | str = "cpu") -> str:
+        """``"fft"`` or ``"matmul"``: the cheaper route of :meth:`param_grads` (cost model in
+        :mod:`surm.structured._fft`, measured on CPU; on other devices, unmeasured, matmuls
+        are assumed to win: ``"matmul"``)."""
+        if torch.device(device).type != "cpu":
+            return "matmul"
+        (p, q), b = self.grid, self.block
+        size = b if self.f == 1 else 2 * b
+        fft = fft_cost(size, p + q) + (matmul_cost(4 * p * q * (size // 2 + 1)) if p * q > 1 else 0.0)
+        return "fft" if fft < matmul_cost(self.out_features * self.in_features) else "matmul"
+
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor, *, method: str = "auto") -> tuple[torch.Tensor, ...]:
+        """Adjoint of the (block) f-circulant: per block pair (P, Q) the cyclic cross-correlation
+        ``irfft(sum_t rfft(g_tP) * conj(rfft(x_tQ)))`` (the sum over tokens taken in the frequency
+        domain, one spectrum per block pair kept); the skew-circulant uses length-2b transforms
+        and the negacyclic mask. ``method="matmul"`` instead forms ``G = g^T x`` and sums its
+        (wrapped, signed) diagonals; ``"auto"`` picks the cheaper (:meth:`adjoint_method`)."""
+        x2, g2 = self._flatten_tokens(x, g)
+        if method == "auto":
+            method = self.adjoint_method(x2.shape[0], x2.device)
+        dtype = fft_dtype(x2, g2, self.weight)
+        if method == "matmul":
+            grad = self._grad_from_dense(g2.to(dtype).T @ x2.to(dtype))
+        elif method == "fft":
+            grad = self._grad_fft(x2, g2, dtype)
+        else:
+            raise ValueError(f"{self.name}.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
+        return (grad.to(self.weight.dtype),)
+
+    def _grad_fft(self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        (p, q), b = self.grid, self.block
+        size = b if self.f == 1 else 2 * b
+        T = x2.shape[0]
+        rows = min(T, chunk_rows(size * max(p, q)))
+        pad_x = ZeroPadder((q,), size, rows, dtype, x2.device)
+        pad_g = ZeroPadder((p,), size, rows, dtype, x2.device)
+        acc = None
+        for s in range(0, T, rows):
+            xs, gs = x2[s : s + rows], g2[s : s + rows]
+            xs = xs.reshape(-1, q, b) if q * b == xs.shape[-1] else xs.unsqueeze(1)
+            gs = gs.reshape(-1, p, b) if p * b == gs.shape[-1] else gs.unsqueeze(1)
+            x_f = torch.fft.rfft(pad_x(xs))  # (rows, q, F)
+            g_f = torch.fft.rfft(pad_g(gs))  # (rows, p, F)
+            if p == q == 1:
+                part = torch.linalg.vecdot(x_f[:, 0], g_f[:, 0], dim=0)[None, None]  # sum_t conj(X) G
+            else:
+                part = torch.einsum("tpf,tqf->pqf", g_f, x_f.conj())
+            acc = part if acc is None else acc + part
+        if self.f == -1:
+            acc = acc * negacyclic_mask(b, acc.device, dtype)
+        return torch.fft.irfft(acc, n=size)[..., :b]
+
+    def _grad_from_dense(self, G: torch.Tensor) -> torch.Tensor:
+        """The parameter gradient given ``G = dL/dS`` (m x n): signed wrapped-diagonal sums."""
+        (p, q), b = self.grid, self.block
+        m, n = self.out_features, self.in_features
+        if p == q == 1:
+            D = diagonal_sums(G)  # lag d = i - j at d + n - 1, d in [-(n-1), m-1]
+            grad = G.new_zeros(b)
+            grad[:m] += D[n - 1 :]
+            grad[b - n + 1 :] += self.f * D[: n - 1]  # lag d < 0 wraps to d + b
+            return grad.reshape(1, 1, b)
+        D = diagonal_sums(G.reshape(p, b, q, b).permute(0, 2, 1, 3))  # (p, q, 2b-1)
+        grad = D[..., b - 1 :].clone()
+        grad[..., 1:] += self.f * D[..., : b - 1]
+        return grad
 
     @classmethod
     def project(cls, M: torch.Tensor, *, block_size: int | None = None) -> "_FCirculant":

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._fft import fft_dtype, negacyclic_mask
+from ._fft import ZeroPadder, chunk_rows, fft_cost, fft_dtype, matmul_cost, negacyclic_mask, toeplitz_from_lags
 from .base import StructuredMatrix, as_matrix, check_positive_int
 from .circulant import Circulant, SkewCirculant
 
@@ -84,6 +84,112 @@ class LDR(StructuredMatrix):
         u = torch.fft.irfft(x_f.unsqueeze(-2) * torch.fft.rfft(H, n=2 * N), n=2 * N)[..., :N]  # (..., r, N)
         y_f = (torch.fft.rfft(u, n=N) * torch.fft.rfft(G, n=N)).sum(-2)  # (..., N//2+1)
         return torch.fft.irfft(y_f, n=N)[..., :m].to(x.dtype)
+
+    # -- fused-layer support ------------------------------------------------------------
+    def _skew_columns(self, dtype: torch.dtype) -> torch.Tensor:
+        """(r, n, N): row b is column b of ``Z_-1(h_i)``, for the n columns that W uses."""
+        N, n = self.size, self.in_features
+        h = self.H.to(dtype).flip(-1)
+        return toeplitz_from_lags(torch.cat([h, -h[:, : n - 1]], dim=-1), n, N)
+
+    def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
+        """O(r min(m, n) N log N) instead of the r N^3 of :meth:`dense`, the r terms summed in the
+        frequency domain. By columns, ``W e_b = sum_i C(g_i) (Z_-1(h_i) e_b)``: the n used
+        skew-circulant columns, N-point transforms. By rows (cheaper when m < n/2),
+        ``e_a^T W = sum_i (Z_-1(h_i)^T C(g_i)^T e_a)^T``: the m used circulant rows through the
+        transposed negacyclic product, 2N-point transforms."""
+        N, m, n = self.size, self.out_features, self.in_features
+        if 2 * m < n:
+            g = self.G.to(dtype)
+            lags = torch.arange(-(N - 1), m, device=g.device) % N  # C(g)[a, j] = g[(a - j) mod N]
+            rows = torch.fft.rfft(toeplitz_from_lags(g[:, lags], m, N), n=2 * N)  # (r, m, N+1)
+            H_f = torch.fft.rfft(self.H.to(dtype), n=2 * N).conj() * negacyclic_mask(N, g.device, dtype)
+            W = torch.fft.irfft((rows * H_f[:, None]).sum(0), n=2 * N)  # (m, 2N)
+            return W[:, :n]
+        G_f = torch.fft.rfft(self.G.to(dtype))  # (r, F)
+        cols_f = torch.fft.rfft(self._skew_columns(dtype))  # (r, n, F)
+        Wt = torch.fft.irfft((cols_f * G_f[:, None]).sum(0), n=N)  # (n, N): row b = W e_b
+        return Wt[:, :m].T
+
+    def adjoint_method(self, tokens: int, device: torch.device | str = "cpu") -> str:
+        """``"fft"`` (per-token transforms, 2 + 4r per token) or ``"matmul"`` (``G = g^T x`` and
+        (1 + 3r) n transforms independent of the tokens): the cheaper under the CPU cost model
+        of :mod:`surm.structured._fft`. At 4096 tokens and d >= 384 that is the matmul route;
+        the FFT route wins for a few hundred tokens or fewer. Off CPU (unmeasured): ``"matmul"``."""
+        if torch.device(device).type != "cpu":
+            return "matmul"
+        N, r, n = self.size, self.rank, self.in_features
+        per_token = fft_cost(2 * N, 1 + 2 * r) + fft_cost(N, 1 + 2 * r)
+        via_matmul = tokens * matmul_cost(self.out_features * n) + n * fft_cost(N, 1 + 3 * r)
+        return "fft" if tokens * per_token < via_matmul else "matmul"
+
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor, *, method: str = "auto") -> tuple[torch.Tensor, ...]:
+        """Adjoint of ``W = sum_i C(g_i) Z_-1(h_i)`` (top-left m x n corner), two routes:
+
+        ``"fft"``: per token, ``u_i = Z_-1(h_i) x`` (one 2N-point transform of x shared by the
+        r terms) gives ``dG_i = irfft(sum_t rfft(g_t) conj(rfft(u_i)))``, and
+        ``v_i = C(g_i)^T g`` (one N-point transform of g shared) gives
+        ``dH_i = negacyclic correlation sum_t (v_i, x)``; the token sums are taken in the
+        frequency domain, tokens in chunks (bounded memory).
+        ``"matmul"``: ``G = g^T x`` once, then ``dG_i = sum_b corr(G e_b, Z_-1(h_i) e_b)`` and
+        ``dH_i`` = signed wrapped-diagonal sums of ``C(g_i)^T G``, all through n-column
+        transforms (independent of the number of tokens).
+        ``"auto"`` picks by :meth:`adjoint_method`. Returns (dG, dH).
+        """
+        x2, g2 = self._flatten_tokens(x, g)
+        if method == "auto":
+            method = self.adjoint_method(x2.shape[0], x2.device)
+        dtype = fft_dtype(x2, g2, self.G, self.H)
+        if method == "fft":
+            dG, dH = self._grads_fft(x2, g2, dtype)
+        elif method == "matmul":
+            dG, dH = self._grads_from_dense(g2.to(dtype).T @ x2.to(dtype))
+        else:
+            raise ValueError(f"ldr.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
+        return dG.to(self.G.dtype), dH.to(self.H.dtype)
+
+    def _grads_fft(
+        self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        N, r = self.size, self.rank
+        T = x2.shape[0]
+        mask = negacyclic_mask(N, x2.device, dtype)
+        H_f = torch.fft.rfft(self.H.to(dtype), n=2 * N)  # (r, N+1)
+        G_conj = torch.fft.rfft(self.G.to(dtype)).conj()  # (r, N//2+1)
+        rows = min(T, chunk_rows(2 * N * r))
+        pad_x = ZeroPadder((), 2 * N, rows, dtype, x2.device)
+        pad_g = ZeroPadder((), N, rows, dtype, x2.device)
+        pad_v = ZeroPadder((r,), 2 * N, rows, dtype, x2.device)
+        acc_g = acc_h = None
+        for s in range(0, T, rows):
+            x_f = torch.fft.rfft(pad_x(x2[s : s + rows])) * mask  # (t, N+1): the spectrum of [x, -x]
+            u = torch.fft.irfft(x_f[:, None] * H_f, n=2 * N)[..., :N]  # (t, r, N): Z_-1(h_i) x
+            g_f = torch.fft.rfft(pad_g(g2[s : s + rows]))  # (t, N//2+1)
+            part_g = torch.linalg.vecdot(torch.fft.rfft(u), g_f[:, None], dim=0)  # (r, F)
+            v = torch.fft.irfft(g_f[:, None] * G_conj, n=N)  # (t, r, N): C(g_i)^T g
+            v_f = torch.fft.rfft(pad_v(v))  # (t, r, N+1)
+            part_h = torch.linalg.vecdot(x_f[:, None], v_f, dim=0)  # (r, N+1): sum_t conj(X) V
+            acc_g = part_g if acc_g is None else acc_g + part_g
+            acc_h = part_h if acc_h is None else acc_h + part_h
+        return torch.fft.irfft(acc_g, n=N), torch.fft.irfft(acc_h, n=2 * N)[..., :N]
+
+    def _grads_from_dense(self, Gm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dG, dH) from ``Gm = dL/dW`` (m x n): through its n columns (tokens e_b with output
+        gradients G e_b), or, when cheaper, through its m rows (the per-token FFT route with
+        tokens ``G^T e_a`` and output gradients e_a: ``G = sum_a e_a (e_a^T G)``)."""
+        N, r, m, n = self.size, self.rank, self.out_features, self.in_features
+        dtype = Gm.dtype
+        if m * (2 + 4 * r) * 1.5 < n * (1 + 3 * r):
+            return self._grads_fft(Gm, torch.eye(m, dtype=dtype, device=Gm.device), dtype)
+        cols_f = torch.fft.rfft(Gm.T, n=N)  # (n, F): spectra of the columns of G (padded to N)
+        skew_f = torch.fft.rfft(self._skew_columns(dtype))  # (r, n, F)
+        dG = torch.fft.irfft(torch.linalg.vecdot(skew_f, cols_f, dim=-2), n=N)  # sum_b corr(G e_b, S_i e_b)
+        G_conj = torch.fft.rfft(self.G.to(dtype)).conj()  # (r, F)
+        P_t = torch.fft.irfft(cols_f * G_conj[:, None], n=N)  # (r, n, N): row b = C(g_i)^T G e_b
+        # dH_i[k] = sum_b P_t[i, b, (b + k) mod N] * (1 if b + k < N else -1)
+        buf = torch.cat([P_t, -P_t], dim=-1)  # (r, n, 2N)
+        dH = buf.as_strided((r, n, N), (n * 2 * N, 2 * N + 1, 1)).sum(1)
+        return dG, dH
 
     @classmethod
     def project(cls, M: torch.Tensor, *, rank: int = 1, steps: int = 300) -> "LDR":

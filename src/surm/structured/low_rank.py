@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._fft import fft_dtype
 from .base import StructuredMatrix, as_matrix, check_positive_int
 
 
@@ -53,6 +54,25 @@ class LowRank(StructuredMatrix):
         dtype = torch.promote_types(x.dtype, self.A.dtype)
         y = (x.to(dtype) @ self.A.to(dtype).T) @ self.B.to(dtype).T
         return y.to(x.dtype)
+
+    # -- fused-layer support ------------------------------------------------------------
+    def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.B.to(dtype) @ self.A.to(dtype)
+
+    def merge(self, weight: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if tuple(weight.shape) != self.shape:
+            return super().merge(weight, scale, dtype=dtype)  # raises the shape error
+        dtype = dtype or fft_dtype(weight, self.A, self.B)
+        return torch.addmm(weight.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=scale)
+
+    def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Adjoint by thin matmuls: ``dA = (g B)^T x``, ``dB = g^T (x A^T)``. Returns (dA, dB)."""
+        x2, g2 = self._flatten_tokens(x, g)
+        dtype = fft_dtype(x2, g2, self.A, self.B)
+        x2, g2 = x2.to(dtype), g2.to(dtype)
+        dA = (g2 @ self.B.to(dtype)).T @ x2
+        dB = g2.T @ (x2 @ self.A.to(dtype).T)
+        return dA.to(self.A.dtype), dB.to(self.B.dtype)
 
     @classmethod
     def project(cls, M: torch.Tensor, *, rank: int = 8) -> "LowRank":

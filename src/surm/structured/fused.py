@@ -1,0 +1,231 @@
+"""The fused LoRA-style (parallel) structured layer: ``y = x W0^T + b0 + scale * S x``.
+
+Two ways to compute the same thing:
+
+- plain (:func:`plain_parallel_linear`): ``F.linear(x, W0, b0) + scale * S(x)``. The base matmul,
+  plus the structured product and its autograd graph (FFTs per token, their intermediates saved).
+- fused (:func:`fused_parallel_linear`): ``F.linear(x, W0 + scale * S, b0)``. ``W_eff`` is built
+  in O(m n) per call, independent of the tokens, and used for one matmul forward and one
+  backward (``dx = g W_eff``); the structured parameters get their gradient from the family's
+  adjoint ``S.param_grads(x, g)`` (FFT correlations summed over tokens in the frequency domain,
+  small matmuls for Kronecker, ...). Only x and the parameters are saved; W_eff is rebuilt in
+  backward (cheaper in memory than keeping an m x n matrix per layer).
+
+The fused path is exact only when S sees the same input as W0: **with dropout > 0 in training
+the structured branch sees ``dropout(x)`` and the plain path must be used.** In eval mode, or
+with dropout 0, both are the same function; :func:`prefer_fused` says which is faster.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from .base import StructuredMatrix
+
+__all__ = ["fused_parallel_linear", "parallel_linear", "plain_parallel_linear", "prefer_fused"]
+
+
+class _Call(nn.Module):
+    """Calls ``S.<method>`` so that ``torch.func.functional_call`` can substitute parameters."""
+
+    def __init__(self, S: StructuredMatrix, method: str) -> None:
+        super().__init__()
+        self.S = S
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.S, self.method)(*args)
+
+
+def _call_with(S: StructuredMatrix, params: tuple[torch.Tensor, ...], method: str, *args):
+    """``S.<method>(*args)`` evaluated with ``params`` as S's parameters (a no-op swap when they
+    already are, the usual case)."""
+    current = S.param_tensors()
+    if len(current) == len(params) and all(a is b for a, b in zip(current, params)):
+        return getattr(S, method)(*args)
+    substitutes = {f"S.{name}": p for name, p in zip(S.param_names(), params)}
+    return torch.func.functional_call(_Call(S, method), substitutes, args)
+
+
+class FusedParallelLinear(torch.autograd.Function):
+    """``F.linear(x, weight + scale * S.dense(), bias)`` with a structure-aware backward.
+
+    Inputs: x (..., n), weight (m, n), bias (m,) or None, scale (float), S, then S's parameters
+    (in ``S.param_names()`` order, so that autograd sees them). Saves x (its own dtype), weight
+    and the parameters; no FFT intermediates, no m x n matrix.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scale, S, *params):
+        W_eff = _call_with(S, params, "merge", weight, scale).to(x.dtype)
+        y = F.linear(x, W_eff, None if bias is None else bias.to(x.dtype))
+        ctx.S = S
+        ctx.scale = scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, *params)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, weight, *params = ctx.saved_tensors
+        params = tuple(params)
+        S, scale = ctx.S, ctx.scale
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_p = ctx.needs_input_grad[5:]
+        n, m = x.shape[-1], grad_y.shape[-1]
+        g2 = grad_y.reshape(-1, m)
+        x2 = x.reshape(-1, n)
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            W_eff = _call_with(S, params, "merge", weight, scale).to(x.dtype)
+            grad_x = (g2.to(x.dtype) @ W_eff).reshape(x.shape)
+            del W_eff
+        if need_w:
+            grad_w = (g2.T @ x2.to(g2.dtype)).to(weight.dtype)
+        if need_b:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        grad_p = [None] * len(params)
+        if any(need_p):
+            grads = _call_with(S, params, "param_grads", x2, g2)
+            grad_p = [gr.mul_(scale) if need else None for gr, need in zip(grads, need_p)]
+        return (grad_x, grad_w, grad_b, None, None, *grad_p)
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, S: StructuredMatrix) -> None:
+    m, n = S.shape
+    if tuple(weight.shape) != (m, n):
+        raise ValueError(
+            f"parallel linear: weight of shape {tuple(weight.shape)} does not match the "
+            f"{S.name} {m}x{n} update; expected (out_features, in_features) = {(m, n)}"
+        )
+    if bias is not None and tuple(bias.shape) != (m,):
+        raise ValueError(f"parallel linear: bias of shape {tuple(bias.shape)}, expected ({m},) or None")
+    S.check_input(x)
+
+
+def fused_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, S: StructuredMatrix, scale: float
+) -> torch.Tensor:
+    """``y = F.linear(x, weight + scale * S.dense(), bias)``, fast: see the module docstring.
+
+    x (..., in_features) in any float dtype (bf16/fp16 fine: the FFT work of the backward runs
+    in a float32 island); weight (out_features, in_features) and bias, frozen or not (their
+    gradients ``g^T x`` and ``sum g`` are returned when they require grad); S any family;
+    scale a Python float. y has x's dtype, every gradient its input's dtype.
+
+    Use it only where S sees the same input as weight: **not with dropout > 0 in training**
+    (there the structured branch sees ``dropout(x)``; use :func:`plain_parallel_linear`).
+    """
+    _check(x, weight, bias, S)
+    return FusedParallelLinear.apply(x, weight, bias, float(scale), S, *S.param_tensors())
+
+
+def plain_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, S: StructuredMatrix, scale: float
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale * S(x)``: the reference, and the path to take with
+    dropout (pass ``dropout(x)`` to S yourself: ``F.linear(x, W, b) + scale * S(drop(x))``)."""
+    _check(x, weight, bias, S)
+    return F.linear(x, weight, bias) + scale * S(x)
+
+
+# Fitted to the measured crossovers (see prefer_fused): the fused path is preferred from
+# k * sqrt(m * n) tokens on; training = forward + backward, inference = forward only.
+_TRAIN_TOKENS_PER_SQRT_MN = {
+    "circulant": 0.45,
+    "skew_circulant": 0.45,
+    "toeplitz": 0.28,
+    "symmetric_toeplitz": 0.29,
+    "kronecker": 0.46,
+    "ldr": 0.6,
+    "low_rank": 0.83,
+}
+_EVAL_TOKENS_PER_SQRT_MN = {
+    "circulant": 0.29,
+    "skew_circulant": 0.29,
+    "toeplitz": 0.11,
+    "symmetric_toeplitz": 0.14,
+    "kronecker": 0.24,
+    "ldr": 0.4,
+    "low_rank": 0.46,
+}
+
+
+def prefer_fused(
+    S: StructuredMatrix, tokens: int, device: torch.device | str = "cpu", *, backward: bool = True
+) -> bool:
+    """Whether :func:`fused_parallel_linear` is expected to beat :func:`plain_parallel_linear`
+    for ``tokens`` rows (the product of x's leading dims) on ``device``.
+
+    Only ask where fusing is allowed: **not with dropout > 0 in training** (the structured
+    branch then sees ``dropout(x)``, the base weight x; use the plain path).
+
+    Both paths do the same base matmuls. The fused one adds O(m n) work per call (building
+    ``W0 + scale * S``; twice when training) and replaces the per-token structured product and
+    its autograd backward by the adjoint (:meth:`StructuredMatrix.param_grads`). It wins from
+    some number of tokens on. Rule: fused iff ``tokens >= k * sqrt(m * n)``, k per family:
+
+    ==================  ========  =========
+    family              training  inference
+    ==================  ========  =========
+    circulant, skew     0.45      0.29
+    toeplitz            0.28      0.11
+    symmetric_toeplitz  0.29      0.14
+    kronecker           0.46      0.24
+    ldr                 0.6       0.4
+    low_rank            0.83      0.46
+    ==================  ========  =========
+
+    k is the geometric mean over the four shapes below of (crossover tokens) / sqrt(m n),
+    measured with ``python benchmarks/fused_linear.py --policy --threads 1`` on this
+    project's 2-core AVX-512 CPU (torch 2.13, MKL, float32): process CPU time medians of 7
+    interleaved rounds (the machine was shared, CPU time is robust to preemption), tokens
+    4, 16, 64, 128, 256, 512, 1024, 4096. Crossover = first token count where fused < plain,
+    interpolated; training / inference:
+
+    ==================  =========  ==========  ==========  =========
+    family              384->384   384->1536   1536->384   768->768
+    ==================  =========  ==========  ==========  =========
+    circulant           240 / 200  200 / 110   400 / 256   380 / 220
+    toeplitz            120 / 20   280 / 64    240 / 150   128 / 80
+    symmetric_toeplitz  140 / 40   280 / 100   250 / 150   120 / 100
+    kronecker           400 / 200  220 / 110   250 / 125   350 / 220
+    ldr rank 1          256 / 200  280 / 220   520 / 400   550 / 230
+    ldr rank 2          250 / 200  300 / 256   530 / 400   450 / 230
+    low_rank rank 8     300 / 128  500 / 300   1000 / 500  550 / 400
+    ==================  =========  ==========  ==========  =========
+
+    Far from the crossover the choice matters: at 4-16 tokens fused costs 1.5-10x plain (the
+    O(m n) merge dominates), at 4096 tokens 0.15-0.9x plain (training). Near it both are
+    within about 20%, so the fit's scatter (about 2x across shapes) costs little.
+    On devices other than CPU the same rule is used; it was not measured there.
+    """
+    m, n = S.shape
+    table = _TRAIN_TOKENS_PER_SQRT_MN if backward else _EVAL_TOKENS_PER_SQRT_MN
+    k = table.get(S.name, 0.5)
+    return tokens >= k * (m * n) ** 0.5
+
+
+def parallel_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    S: StructuredMatrix,
+    scale: float,
+    *,
+    fused: bool | None = None,
+) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scale * S(x)`` by the faster path (``fused=None``: ask
+    :func:`prefer_fused`, with ``backward`` = whether autograd will need this graph). Without
+    dropout only (see the module docstring)."""
+    if fused is None:
+        tokens = x.numel() // max(x.shape[-1], 1)
+        backward = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad or any(p.requires_grad for p in S.parameters())
+        )
+        fused = prefer_fused(S, tokens, x.device, backward=backward)
+    return (fused_parallel_linear if fused else plain_parallel_linear)(x, weight, bias, S, scale)
