@@ -1,5 +1,6 @@
 """The ``surm`` command line: parser, ``surm approx`` smoke run, ``python -m surm``."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,6 +8,13 @@ import sys
 import pytest
 
 from surm import __version__, cli
+
+
+def _module_exists(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # its package is absent
+        return False
 
 
 def test_version(capsys):
@@ -71,6 +79,26 @@ def test_python_m_surm_help_imports_no_subcommand_module():
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "approx" in result.stdout and "usage: surm" in result.stdout
+    for name in cli.COMMAND_MODULES:  # the subcommands owned by other modules are listed too
+        if _module_exists(name):
+            assert name.rsplit(".", 1)[-1] in result.stdout
     modules = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
     assert "surm.cli" in modules
     assert not {m for m in modules if m.split(".")[0] == "matplotlib" or m.startswith("surm.analysis")}
+
+
+def test_module_commands_are_added_and_absent_ones_skipped(monkeypatch, capsys):
+    import types
+
+    fake = types.ModuleType("fake_surm_command")
+
+    def add_parser(sub):
+        p = sub.add_parser("fake", help="a fake command")
+        p.add_argument("--x", type=int, default=1)
+        p.set_defaults(func=lambda args: {"x": args.x})  # a result record, not a status
+
+    fake.add_parser = add_parser
+    monkeypatch.setitem(sys.modules, "fake_surm_command", fake)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["surm.commands.does_not_exist", "fake_surm_command"])
+    assert "fake" in cli.build_parser().format_help()
+    assert cli.main(["fake", "--x", "3"]) == 0

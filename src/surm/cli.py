@@ -1,14 +1,21 @@
 """The ``surm`` command line: ``surm <subcommand> ...`` (also ``python -m surm``).
 
-Each subcommand is two small functions: ``_add_<name>(subparsers)`` declares its arguments
-and ``_run_<name>(args) -> int`` does the work, importing its module *inside* the function
-so that ``surm --help`` stays fast (no torch import at CLI import time). To add one, write
-the pair and append the ``_add_`` function to :data:`SUBCOMMANDS`.
+Two ways to add a subcommand, both keeping ``surm --help`` light (heavy imports happen only
+when the subcommand runs):
+
+- here: ``_add_<name>(subparsers)`` declares its arguments and sets ``func=_run_<name>``;
+  ``_run_<name>(args)`` imports its module *inside* the function and does the work. Append the
+  ``_add_`` function to :data:`SUBCOMMANDS`.
+- in its own module (``surm.commands.<name>``): ``add_parser(subparsers)`` sets ``func=run``
+  and imports nothing heavy at module level; list the module in :data:`COMMAND_MODULES`.
+
+A ``func`` returns an exit status (int) or anything else (a result record), which means 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from typing import Callable, Sequence
@@ -121,9 +128,24 @@ def _run_approx(args: argparse.Namespace) -> int:
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_approx]
 
+#: subcommands living in their own modules, each with ``add_parser(subparsers)``; a module
+#: that does not exist (yet) is skipped
+COMMAND_MODULES: list[str] = ["surm.commands.finetune", "surm.commands.reproduce", "surm.commands.bench"]
+
+
+def _add_module_commands(sub: argparse._SubParsersAction) -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):  # the module itself is absent
+                continue
+            raise
+        module.add_parser(sub)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``surm`` parser with every subcommand of :data:`SUBCOMMANDS`."""
+    """The ``surm`` parser with every subcommand of :data:`SUBCOMMANDS` and :data:`COMMAND_MODULES`."""
     parser = argparse.ArgumentParser(
         prog="surm",
         description="Structured unrestricted-rank matrices (SURM) for parameter-efficient fine-tuning.",
@@ -132,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     for add in SUBCOMMANDS:
         add(sub)
+    _add_module_commands(sub)
     return parser
 
 
@@ -142,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    status = args.func(args)
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":
