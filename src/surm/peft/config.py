@@ -57,6 +57,11 @@ class SurmConfig(PeftConfig):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the structured branch's input"})
     activation: str = field(default="gelu", metadata={"help": f"serial only: one of {ACTIVATIONS}"})
     init: Literal["zero", "random"] = field(default="zero")
+    fused: Optional[bool] = field(
+        default=None,
+        metadata={"help": "parallel only: None picks per layer and batch the faster of the fused "
+                  "(W0 + alpha*S, one matmul) and plain (FFT) paths; True/False forces one"},
+    )
     knob_pattern: dict = field(default_factory=dict, metadata={"help": "per-module knob overrides"})
     target_modules: Optional[Union[list[str], str]] = field(default=None)
     exclude_modules: Optional[Union[list[str], str]] = field(default=None)

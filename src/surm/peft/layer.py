@@ -14,6 +14,11 @@ Several active adapters are summed: parallel ones each add ``alpha * S(dropout(x
 base output; serial ones each add ``act(alpha * S(dropout(h))) + beta`` where ``h`` is the
 output of the base layer plus all parallel adapters. Nothing is added in place.
 
+A single active parallel adapter without active dropout on a Linear or Conv1D layer runs through
+:func:`surm.structured.parallel_linear`: either the plain path above or the fused one,
+``F.linear(x, W0 + alpha * S, b0)`` with a structure-aware backward, whichever is faster for
+the layer's shape and the batch's token count (``SurmConfig.fused`` forces one).
+
 A serial ``low_rank`` adapter ``S = B A`` puts its nonlinearity inside the bottleneck,
 ``alpha * B act(A dropout(h) + c) + beta`` with a bottleneck bias c: exactly the
 Houlsby/Pfeiffer bottleneck adapter (2*d*r + r + d parameters).
@@ -105,7 +110,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     """A supported base layer plus SURM adapters (see the module docstring)."""
 
     adapter_layer_names = ("surm_matrix", "surm_bias", "surm_inner_bias")
-    other_param_names = ("surm_alpha", "surm_placement", "surm_activation", "surm_dropout")
+    other_param_names = ("surm_alpha", "surm_placement", "surm_activation", "surm_dropout", "surm_fused")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
         super().__init__()
@@ -123,6 +128,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_alpha: dict[str, float] = {}
         self.surm_placement: dict[str, str] = {}
         self.surm_activation: dict[str, str] = {}
+        self.surm_fused: dict[str, Optional[bool]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_snapshot: Optional[dict[str, Any]] = None
@@ -154,6 +160,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_alpha[adapter_name] = float(config.alpha)
         self.surm_placement[adapter_name] = config.placement
         self.surm_activation[adapter_name] = config.activation
+        self.surm_fused[adapter_name] = config.fused
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def is_bottleneck(self, adapter: str) -> bool:
@@ -166,6 +173,13 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         if self.kind == "conv2d":
             return fn(x.movedim(1, -1)).movedim(-1, 1)
         return fn(x)
+
+    def _can_fuse(self, adapter: str) -> bool:
+        """The fused path needs S to see the same input as W0 (no active dropout) and a plain
+        (out, in) weight: Linear or Conv1D, not quantised."""
+        dropout_active = self.training and isinstance(self.surm_dropout[adapter], nn.Dropout)
+        weight = self.get_base_layer().weight
+        return self.kind in ("linear", "conv1d") and not dropout_active and weight.is_floating_point()
 
     def _parallel_update(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """alpha * S(dropout(x)) along the feature axis."""
@@ -196,12 +210,19 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
         if self.merged:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         active = [a for a in self.active_adapters if a in self.surm_matrix]
-        for a in active:
-            if self.surm_placement[a] == "parallel":
+        parallel = [a for a in active if self.surm_placement[a] == "parallel"]
+        if len(parallel) == 1 and not args and not kwargs and self._can_fuse(parallel[0]):
+            a = parallel[0]
+            base = self.get_base_layer()
+            result = structured.parallel_linear(
+                x, get_matrix(base), base.bias, self.surm_matrix[a], self.surm_alpha[a], fused=self.surm_fused[a]
+            )
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            for a in parallel:
                 result = result + self._parallel_update(a, x).to(result.dtype)
         h = result
         for a in active:
