@@ -33,3 +33,12 @@ def test_bench_smoke(tmp_path, capsys):
     circ = next(r for r in results["steps"] if r["method"] == "circulant")
     assert circ["trainable"] == 12 * 384 and circ["training_memory_bytes"] > 0
     assert "x LoRA r=8" in capsys.readouterr().out
+
+
+def test_surm_bench_command(tmp_path):
+    from surm.cli import main
+
+    assert main(["bench", "layers", "--quick", "--methods", "toeplitz", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["method"] for r in saved["layers"]} == {"head", "lora_r8", "toeplitz"}
+    assert "steps" not in saved

@@ -1,0 +1,45 @@
+"""``surm bench``: speed and memory of SURM against PEFT LoRA and C3A, measured in one run."""
+
+from __future__ import annotations
+
+import argparse
+
+PARTS = ("layers", "steps", "inference")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench",
+        help="speed and memory: per layer, MiniLM training steps, merged inference (ratios to LoRA and the floor)",
+        description=(
+            "Interleaved median timings, in one process, of the frozen base, PEFT LoRA r=8, PEFT C3A "
+            "and every SURM family: per-layer forward+backward, end-to-end MiniLM training steps "
+            "(head-only as the floor) with their training memory, and inference after merging."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("parts", nargs="*", default=list(PARTS), choices=[[], *PARTS], metavar="PART",
+                   help=f"which benchmarks: any of {', '.join(PARTS)}")
+    p.add_argument("--methods", nargs="+", default=None, help="method names (default: all; see surm.bench.methods)")
+    p.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128], help="token counts of the training steps")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from surm.bench.report import run as run_bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    parts = list(args.parts) or list(PARTS)
+    run_bench(parts, methods=args.methods, repeats=args.repeats, out=Path(args.out),
+              seq_lens=tuple(args.seq_lens), quick=args.quick)
+    return 0
