@@ -42,3 +42,10 @@ def test_surm_bench_command(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert {r["method"] for r in saved["layers"]} == {"head", "lora_r8", "toeplitz"}
     assert "steps" not in saved
+
+
+def test_surm_bench_rejects_unknown_parts(capsys):
+    from surm.cli import main
+
+    assert main(["bench", "layer"]) == 2
+    assert "unknown part(s) ['layer']; choose from layers, steps, inference" in capsys.readouterr().out

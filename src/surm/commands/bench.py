@@ -18,8 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("parts", nargs="*", default=list(PARTS), choices=[[], *PARTS], metavar="PART",
-                   help=f"which benchmarks: any of {', '.join(PARTS)}")
+    p.add_argument("parts", nargs="*", metavar="PART",
+                   help=f"which benchmarks: any of {', '.join(PARTS)} (default: all)")
     p.add_argument("--methods", nargs="+", default=None, help="method names (default: all; see surm.bench.methods)")
     p.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128], help="token counts of the training steps")
@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     parts = list(args.parts) or list(PARTS)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        print(f"surm bench: error: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
+        return 2
     run_bench(parts, methods=args.methods, repeats=args.repeats, out=Path(args.out),
               seq_lens=tuple(args.seq_lens), quick=args.quick)
     return 0
