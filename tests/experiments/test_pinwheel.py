@@ -1,0 +1,111 @@
+"""The pinwheel experiment: data generator, parameter matching, and a smoke run."""
+
+import json
+
+import pytest
+import torch
+
+from surm.experiments import pinwheel as pw
+
+
+def test_data_is_seeded_balanced_and_shaped():
+    x, y = pw.pinwheel(n_per_class=30, seed=3)
+    x2, y2 = pw.pinwheel(n_per_class=30, seed=3)
+    x3, _ = pw.pinwheel(n_per_class=30, seed=4)
+    assert x.shape == (150, 2) and x.dtype == torch.float32
+    assert y.shape == (150,) and y.dtype == torch.int64
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, x3)
+    assert torch.bincount(y).tolist() == [30] * 5
+    radius = x.norm(dim=1)
+    assert 0.8 < radius.mean().item() < 1.2  # arms start at radius 1 (radial_std 0.3)
+
+
+def test_arms_turn_with_radius():
+    # the angle of class k is 2*pi*k/5 + rate*exp(r): outer points of an arm are rotated further
+    x, y = pw.pinwheel(n_per_class=400, tangential_std=0.0, seed=0)
+    arm = x[y == 0]
+    r, angle = arm.norm(dim=1), torch.atan2(arm[:, 1], arm[:, 0])
+    expected = 0.25 * torch.exp(r)
+    assert torch.allclose(angle, expected, atol=1e-4)
+
+
+def test_parameter_counts_match_the_claims_at_width_64():
+    counts = pw.parameter_counts(64)
+    adapted = {m: c["adapted"] for m, c in counts.items()}
+    assert adapted == {
+        "frozen": 0,
+        "full": 64 * 64,
+        "lora:1": 128,
+        "lora:4": 512,
+        "circulant": 64,
+        "symmetric_toeplitz": 64,
+        "toeplitz": 127,
+        "ldr:1": 128,
+    }
+    assert all(c["trainable"] == c["adapted"] for c in counts.values())  # nothing else trains
+
+
+def test_others_trainable_adds_the_input_and_output_layers():
+    counts = pw.parameter_counts(64, methods=("frozen", "circulant", "lora:1"), regime="others_trainable")
+    others = (2 * 64 + 64) + (64 * 5 + 5)
+    assert {m: c["trainable"] - c["adapted"] for m, c in counts.items()} == dict.fromkeys(counts, others)
+    assert counts["circulant"]["adapted"] == 64
+
+
+@pytest.mark.parametrize("method", ["lora:1", "circulant", "toeplitz", "ldr:1"])
+def test_updates_start_at_zero_and_base_stays_frozen(method):
+    base = pw.PinwheelMLP(16)
+    model = pw.adapt(base, method)
+    x, _ = pw.pinwheel(n_per_class=5)
+    torch.testing.assert_close(model(x), base(x))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".hidden." in n and "base_layer" not in n for n in trainable)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pinwheel")
+    return out, pw.run(out, "smoke", progress=False)
+
+
+def test_smoke_run_writes_sane_files(smoke):
+    out, summary = smoke
+    assert {p.name for p in out.iterdir()} >= {"pinwheel.json", "pinwheel.md", "pinwheel.png"}
+    payload = json.loads((out / "pinwheel.json").read_text())
+    assert payload["summary"] == json.loads(json.dumps(summary))
+    assert list(payload["curves"]) == list(pw.METHODS)
+    n = len(payload["steps"])
+    assert payload["steps"][0] == 0 and payload["steps"][-1] == summary["steps"]
+    for c in payload["curves"].values():
+        assert len(c["mean"]) == len(c["std"]) == n and all(len(r) == n for r in c["runs"])
+        assert all(v > 0 for v in c["mean"])
+    for m in summary["methods"].values():
+        assert 0 < m["final_loss_mean"] < 10 and 0 <= m["train_acc_mean"] <= 1 and 0 <= m["test_acc_mean"] <= 1
+    table = (out / "pinwheel.md").read_text()
+    assert all(f"| {m['label']} | {m['adapted_params']} |" in table for m in summary["methods"].values())
+    assert (out / "pinwheel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_smoke_run_every_method_starts_at_the_frozen_loss_and_full_goes_below_it(smoke):
+    # zero-initialised updates: step 0 of every curve is the frozen network's loss
+    out, summary = smoke
+    curves = json.loads((out / "pinwheel.json").read_text())["curves"]
+    frozen = curves["frozen"]["mean"][0]
+    assert all(c["mean"][0] == pytest.approx(frozen, rel=1e-4) for c in curves.values())
+    assert summary["methods"]["full"]["final_loss_mean"] < summary["methods"]["frozen"]["final_loss_mean"]
+
+
+def test_pretrained_regime_reports_the_pretrained_loss(tmp_path):
+    summary = pw.run(tmp_path, "smoke", regime="pretrained", methods=("frozen", "full"), plot=False, progress=False)
+    assert summary["regime"] == "pretrained" and summary["pretrained_loss_mean"] > 0
+    assert not (tmp_path / "pinwheel.png").exists()
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="preset"):
+        pw.run(tmp_path, "huge")
+    with pytest.raises(TypeError, match="unknown override"):
+        pw.run(tmp_path, "smoke", epochs=3)
+    with pytest.raises(ValueError, match="regime"):
+        pw.run(tmp_path, "smoke", regime="pretend")
