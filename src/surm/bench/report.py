@@ -56,7 +56,10 @@ def run(
     for required in ("head", "lora_r8"):
         if required not in methods:
             methods = [required, *methods]
-    results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    from . import timing
+
+    results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "clock": timing.clock,
+                               "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     if "layers" in parts:
         from .layers import DEFAULT_SHAPES, bench_layers
 

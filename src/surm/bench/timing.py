@@ -9,9 +9,18 @@ from typing import Callable, Iterable
 import torch
 
 
+#: clocks: "wall" (time.perf_counter, the latency a user sees) or "cpu" (time.process_time:
+#: CPU seconds of this process over all its threads; robust to other processes preempting
+#: this one on a shared machine, and equal to latency when torch runs one thread)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = "wall"
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function, measured in rounds that run every function
-    once (in a rotating order), so that slow drifts of a shared machine hit all alike."""
+    """Median seconds per call of each function (by the module's ``clock``), measured in rounds
+    that run every function once (in a rotating order), so that slow drifts of a shared
+    machine hit all alike."""
+    now = CLOCKS[clock]
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -20,9 +29,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 15,
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start = now()
             fns[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(now() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

@@ -24,6 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
     p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128], help="token counts of the training steps")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: latency; cpu: process CPU time (robust on a shared machine; use with --threads 1)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
     p.set_defaults(func=run)
@@ -35,7 +37,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from surm.bench import timing
     from surm.bench.report import run as run_bench
+
+    timing.clock = args.clock
 
     if args.threads:
         torch.set_num_threads(args.threads)
