@@ -16,13 +16,21 @@ Memory, deterministic: the bytes of the tensors autograd saves for backward
 (``saved_tensors_hooks``), unique storages, not counting the parameters and frozen weights
 (which exist anyway); x itself is counted where a method saves it (the floor does not). Also
 the peak of CPU allocations during forward + backward above the starting level (profiler
-memory events): that includes transients (W_eff, FFT buffers, y, the gradients).
+memory events): that includes transients (W_eff, FFT buffers, y, the gradients). The profiler
+prints its start/stop lines on stderr.
+
+Timings are sensitive to other load on the machine: with 2 threads on an oversubscribed CPU
+every parallel region can wait a scheduler slice for its second thread, which penalises long
+sequences of small ops (the chunked FFT adjoints) far more than one big matmul. The load
+average at start is recorded; ``--threads 1`` (with the process CPU-time column) gives the
+contention-robust comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -268,6 +276,7 @@ def main():
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "rounds": args.rounds,
+        "loadavg_at_start": os.getloadavg(),
     }
     print(json.dumps(env))
     results = main_policy(args) if args.policy else main_bench(args)
