@@ -61,13 +61,14 @@ _KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activat
 #: and "surm:<structure>:serial" for a family that wants its own.
 DEFAULT_LR: dict[str, float] = {
     "full": 1e-4,
-    "head": 3e-3,
-    "bitfit": 3e-3,
-    "lora": 1e-3,
-    "houlsby": 1e-3,
-    "pfeiffer": 1e-3,
-    "surm:parallel": 3e-3,
-    "surm:serial": 3e-3,
+    "head": 1e-1,
+    "bitfit": 1e-2,  # no learning rate tried left the majority-class plateau in 64 steps
+    "lora": 3e-3,
+    "houlsby": 3e-3,
+    "pfeiffer": 3e-3,
+    "surm:parallel": 5e-3,
+    "surm:kronecker": 3e-2,
+    "surm:serial": 1e-2,
 }
 
 

@@ -192,7 +192,7 @@ def execute(spec: RunSpec, progress: bool = True) -> tuple[dict[str, Any], torch
     ``deltas`` maps the query/value weight names to ``W_finetuned - W0`` when
     ``spec.save_deltas`` (parallel adapters merged into a copy), else it is empty.
     """
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     splits = load_splits(spec)
     model, batcher, profile = make_model(spec, splits.num_labels)
     method = surm_methods.parse(spec.method)
@@ -220,6 +220,7 @@ def execute(spec: RunSpec, progress: bool = True) -> tuple[dict[str, Any], torch
         "label_names": list(splits.label_names),
         **result,
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,
     }
     deltas = {}
     if watched:
