@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import time
 from typing import Any, Callable
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from surm import structured
+from surm.bench.timing import interleaved_medians
 
 SHAPES = [(384, 384), (384, 1536), (768, 768)]  # (in_features, out_features)
 METHODS: list[tuple[str, str, dict[str, Any]]] = [  # (label, family, knobs)
@@ -74,22 +74,6 @@ def make_steps(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> tuple[Cal
     return fwd, fwd_bwd
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median milliseconds per call of each function, over rounds that call every function
-    once in a rotating order (after ``warmup`` such rounds)."""
-    names = list(fns)
-    for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            fns[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 def bench_shape(d_in: int, d_out: int, tokens: int, repeats: int, warmup: int) -> list[dict[str, Any]]:
     """Rows {shape, method, params, fwd_ms, fwd_bwd_ms, *_ratio} for one (in -> out) shape."""
     torch.manual_seed(0)
@@ -104,7 +88,7 @@ def bench_shape(d_in: int, d_out: int, tokens: int, repeats: int, warmup: int) -
     fns: dict[str, Callable[[], None]] = {}
     for label, module in modules.items():
         fns[f"{label}|fwd"], fns[f"{label}|fwd+bwd"] = make_steps(module, x, g)
-    ms = interleaved_medians(fns, repeats, warmup)
+    ms = {k: 1e3 * v for k, v in interleaved_medians(fns, repeats=repeats, warmup=warmup).items()}
     rows = []
     for label, module in modules.items():
         row = {
