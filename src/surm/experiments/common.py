@@ -341,9 +341,24 @@ def aggregate(records: Sequence[dict[str, Any]], by: Sequence[str] = ("dataset",
 
 
 def fmt_pct(pair: tuple[float, float], std: bool = True) -> str:
-    """``(0.8123, 0.0112)`` -> ``"81.2 ± 1.1"``."""
+    """``(0.8123, 0.0112)`` -> ``"81.2 ± 1.1"`` (``"81.2"`` with ``std=False``)."""
     mean, sd = pair
     return f"{100 * mean:.1f} ± {100 * sd:.1f}" if std else f"{100 * mean:.1f}"
+
+
+def versus(rows: Sequence[dict[str, Any]], reference: str, prefix: str = "surm:") -> list[str]:
+    """One sentence per method starting with ``prefix``: its mean test accuracy against the
+    ``reference`` method's, and its share of the reference's parameters."""
+    ref = next((r for r in rows if r["method"] == reference), None)
+    if ref is None or not ref["adapter_params"]:
+        return []
+    out = []
+    for r in rows:
+        if r["method"].startswith(prefix):
+            gap = 100 * (r["accuracy"][0] - ref["accuracy"][0])
+            ratio = ref["adapter_params"] / max(r["adapter_params"], 1)
+            out.append(f"{r['label']}: {gap:+.1f} points against {ref['label']} with {ratio:.1f}x fewer parameters")
+    return out
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:

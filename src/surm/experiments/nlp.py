@@ -122,13 +122,17 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], preset: str, wall
         )
         header = ["method", "params (no head)", "vs LoRA r=8", "lr", "test accuracy %", "macro-F1 %", "train s"]
         table = []
+        std = len(r0["seeds"]) > 1
         for r in drows:
-            ratio = f"{r['adapter_params'] / lora8:.3f}x" if lora8 else "—"
+            ratio = f"{r['adapter_params'] / lora8:.3f}x" if lora8 and r["adapter_params"] else "—"
             table.append([r["label"], common.fmt_params(r["adapter_params"]), ratio, f"{r['lr']:g}",
-                          common.fmt_pct(r["accuracy"]), common.fmt_pct(r["macro_f1"]), f"{r['train_seconds'][0]:.0f}"])
+                          common.fmt_pct(r["accuracy"], std), common.fmt_pct(r["macro_f1"], std),
+                          f"{r['train_seconds'][0]:.0f}"])
         lines.append(common.markdown_table(header, table))
+        lines += [f"\n- {line}" for line in common.versus(drows, "lora:8")]
+        lines.append("\n" if lora8 else "")
     lines.append(
-        f"\nMean ± sample std over seeds. Parameters exclude the classification head, which every method "
+        f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
         f"trains ({'; '.join(_head_sizes(records))}). {len(records)} runs; wall time {common.fmt_duration(wall)} "
         f"(sum of the runs' own times {common.fmt_duration(sum(r['seconds'] for r in records))}; the wall time is "
         f"less when runs came from the store). Max sequence length 64, batch {config['batch_size']}, {config['epochs']:g} epoch(s), AdamW, "
