@@ -3,8 +3,9 @@
 The paper reports SURM about 7 points above LoRA when little training data is available
 (SPEC §5.5). Here head only, LoRA r=8 and two SURM families are trained on nested, stratified
 fractions of the training set (each seed draws its own subsample). Tiny fractions get more
-epochs: every run takes at least ``min_steps`` optimizer steps. Runs at a fraction that the
-``nlp`` experiment also uses (10 %) come from the shared run store when both ran.
+epochs: every run takes at least ``min_steps`` optimizer steps (64 in the full preset, so the
+1 %, 5 % and 10 % runs all take 64 steps and the 25 % runs one epoch, 160 steps). Runs that
+another experiment also made come from the shared run store.
 
 Writes ``lowres.json``, ``lowres.md`` (methods x fractions, and SURM minus LoRA) and
 ``lowres.png`` (test accuracy against the fraction).
@@ -25,10 +26,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(model="tiny-bert", fractions=[0.002, 0.005], methods=["head", "lora:2", "surm:circulant"],
                   seeds=[0], n_eval=32, batch_size=16, epochs=1.0, min_steps=2, threads=1),
     "quick": dict(model="minilm", fractions=[0.01, 0.05], methods=["head", "lora:8", "surm:circulant"],
-                  seeds=[0], n_eval=500, batch_size=16, epochs=1.0, min_steps=32, threads=None),
+                  seeds=[0], n_eval=500, batch_size=16, epochs=1.0, min_steps=64, threads=None),
     "full": dict(model="minilm", fractions=[0.01, 0.05, 0.1, 0.25],
                  methods=["head", "lora:8", "surm:circulant", "surm:toeplitz"],
-                 seeds=[0, 1, 2], n_eval=500, batch_size=16, epochs=1.0, min_steps=32, threads=None),
+                 seeds=[0, 1, 2], n_eval=1000, batch_size=16, epochs=1.0, min_steps=64, threads=None),
 }
 for _config in PRESETS.values():
     _config.update(dataset="rotten_tomatoes", lr=None, store=None, fresh=False, progress=True)
