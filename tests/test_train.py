@@ -178,3 +178,15 @@ def test_finetune_command_rejects_bad_input(tmp_path):
         finetune.run(_args(tmp_path, data="imdb"))
     with pytest.raises(SystemExit, match="must start with one of"):
         finetune.run(_args(tmp_path, method="prefix:8"))
+
+
+@pytest.mark.integration
+def test_finetune_command_on_the_packaged_minilm(tmp_path):
+    parser = argparse.ArgumentParser()
+    finetune.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["finetune", "--data", "rotten_tomatoes", "--method", "surm:toeplitz", "--max-train", "32",
+                              "--max-eval", "32", "--out", str(tmp_path), "--quiet"])
+    record = args.func(args)
+    assert record["adapter_params"] == 12 * (384 + 384 - 1)  # 6 layers x (query, value)
+    assert record["train"]["steps"] == 2 and 0 <= record["test"]["accuracy"] <= 1
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

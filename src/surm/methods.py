@@ -139,8 +139,10 @@ class Profile:
 TEXT = Profile(head="classifier", ffn_out=r".*layer\.\d+\.output\.dense", lora=("query", "value"))
 
 _CONV1X1 = r".*(_expand_conv|_project_conv|_conv_head)"
+#: Learning rates for EfficientNet-Lite0 from the digits sweep (docs/lr_sweep.md): SURM on the 1x1
+#: convolutions collapses at 1e-2, so it gets smaller rates than on MiniLM.
 IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_project_conv", lora=_CONV1X1,
-                lr={})
+                lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3, "surm:parallel": 3e-3, "surm:circulant": 1e-3})
 
 
 def parse(text: str) -> Method:

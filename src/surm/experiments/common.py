@@ -202,7 +202,7 @@ def execute(spec: RunSpec, progress: bool = True) -> tuple[dict[str, Any], torch
     config = TrainConfig(
         lr=spec.effective_lr, epochs=spec.epochs, min_steps=spec.min_steps, batch_size=spec.batch_size,
         weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio, seed=spec.seed, device=spec.device,
-        progress=progress, freeze_norm_stats=method.kind != "full",
+        progress=progress, freeze_norm_stats=True,  # BatchNorm uses its pretrained statistics, for every method
     )
     trainable = surm_methods.count_trainable(model)
     result = finetune(model, batcher, splits, config, eval_splits=spec.eval_splits)

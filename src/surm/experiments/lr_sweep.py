@@ -34,11 +34,11 @@ TEXT_GRID = {
     "surm:circulant:serial": [1e-3, 3e-3, 1e-2, 2e-2, 3e-2],
 }
 IMAGE_GRID = {
-    "full": [1e-4, 3e-4, 1e-3],
+    "full": [1e-4, 3e-4, 1e-3, 3e-3],
     "head": [3e-3, 1e-2, 3e-2],
     "lora:4": [1e-3, 3e-3, 1e-2],
-    "surm:circulant": [3e-3, 1e-2, 3e-2],
-    "surm:toeplitz": [3e-3, 1e-2, 3e-2],
+    "surm:circulant": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
+    "surm:toeplitz": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
 #: seeds of the sweep, disjoint from the reported seeds 0-2
 SWEEP_SEEDS = [100]
