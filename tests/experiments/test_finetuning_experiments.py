@@ -10,7 +10,7 @@ import torch
 
 from surm import experiments
 from surm.commands import reproduce
-from surm.experiments import cka, common, lowres, nlp
+from surm.experiments import cka, common, lowres, lr_sweep, nlp, vision
 
 SMOKE = ["nlp", "lowres", "cka", "vision", "lr_sweep"]
 
@@ -113,6 +113,15 @@ def test_cka_reuses_the_nlp_runs():
     config = cka.PRESETS["full"]
     for method in [config["reference"], *config["methods"]]:
         assert base.replace(method=method, seed=0).key in nlp_keys
+
+
+@pytest.mark.parametrize("module", [nlp, lowres, cka, vision, lr_sweep],
+                         ids=lambda m: m.__name__.rsplit(".", 1)[-1])
+def test_every_preset_accepts_a_threads_override(module):
+    # regression: `surm reproduce cka --set threads=1` used to fail (cka had no threads key)
+    name = module.__name__.rsplit(".", 1)[-1]
+    for preset in module.PRESETS:
+        assert common.resolve_preset(name, module.PRESETS, preset, {"threads": 1})["threads"] == 1
 
 
 def test_bad_preset_and_override_messages(tmp_path):

@@ -36,7 +36,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(source="full", methods=["lora:1", "lora:8", *PARALLEL_FAMILIES], seeds=[0, 1, 2]),
 }
 for _config in PRESETS.values():
-    _config.update(dataset="rotten_tomatoes", reference="full", store=None, fresh=False, progress=True)
+    # threads=None: the source nlp preset's setting
+    _config.update(dataset="rotten_tomatoes", reference="full", threads=None, store=None, fresh=False, progress=True)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -98,7 +99,8 @@ def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str
     methods = [config["reference"], *config["methods"]]
     specs = [base.replace(method=m, seed=s) for m in methods for s in config["seeds"]]
     start = time.perf_counter()
-    with common.threads(nlp_config["threads"]):
+    threads = config["threads"] if config["threads"] is not None else nlp_config["threads"]
+    with common.threads(threads):
         records = common.run_many(specs, store, "cka", config["progress"], config["fresh"])
         deltas: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         for spec, record in zip(specs, records):
