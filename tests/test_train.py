@@ -107,6 +107,40 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(seen[10:], seen[11:]))
 
 
+class _Headed(nn.Module):
+    """A body and a module called ``classifier`` (as in transformers' sequence classifiers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.classifier = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.tanh(self.body(x)))
+
+
+@pytest.mark.parametrize("lr, head_lr", [(0.0, 0.05), (0.05, 0.0)])
+def test_head_lr_trains_the_head_at_its_own_rate(lr, head_lr):
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(64, 0), _blobs(8, 1), _blobs(8, 2))
+    model = _Headed()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = train.TrainConfig(lr=lr, head_lr=head_lr, head="classifier", epochs=2, batch_size=16, progress=False,
+                               weight_decay=0.0)
+    train.train(model, _VectorBatcher(), splits.train, config)
+    for name, p in model.named_parameters():
+        rate = head_lr if name.startswith("classifier.") else lr
+        assert torch.equal(p, before[name]) == (rate == 0.0), name  # moved exactly where its rate is non-zero
+
+
+def test_head_lr_errors_name_the_fix():
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(16, 0), _blobs(8, 1), _blobs(8, 2))
+    with pytest.raises(ValueError, match="needs TrainConfig.head"):
+        train.train(_Headed(), _VectorBatcher(), splits.train, train.TrainConfig(head_lr=0.1, progress=False))
+    with pytest.raises(ValueError, match="no trainable parameter lies in a module named 'fc'"):
+        train.train(_Headed(), _VectorBatcher(), splits.train,
+                    train.TrainConfig(head_lr=0.1, head="fc", progress=False))
+
+
 def test_min_steps_and_fractional_epochs():
     config = train.TrainConfig(batch_size=16, epochs=0.5)
     assert train.num_steps(100, config) == 4
@@ -163,6 +197,16 @@ def test_finetune_command_end_to_end_saves_a_reloadable_adapter(tmp_path, capsys
     base, batcher, _ = make_model(spec, splits.num_labels)
     reloaded = peft.PeftModel.from_pretrained(base, str(out / "adapter"))
     assert train.evaluate(reloaded, batcher, splits.test)["accuracy"] == pytest.approx(record["test"]["accuracy"])
+
+
+def test_finetune_command_bitfit_trains_its_head_at_head_onlys_rate(tmp_path, capsys):
+    from surm import methods as surm_methods
+
+    record = finetune.run(_args(tmp_path, method="bitfit"))
+    assert record["head_lr"] == surm_methods.default_lr("head") != record["lr"]
+    assert f"lr {record['lr']:g} (head {record['head_lr']:g})" in capsys.readouterr().out
+    record = finetune.run(_args(tmp_path, method="lora:2", head_lr=0.02))
+    assert record["head_lr"] == 0.02 and record["lr"] == surm_methods.default_lr("lora:2")
 
 
 @pytest.mark.parametrize("method", ["head", "lora:2"])

@@ -47,6 +47,7 @@ __all__ = [
     "Profile",
     "apply",
     "count_trainable",
+    "default_head_lr",
     "default_lr",
     "parse",
     "plain_pointwise_convs",
@@ -208,6 +209,18 @@ def default_lr(method: Method | str, profile: Profile | None = None) -> float:
             if key in table:
                 return table[key]
     raise KeyError(f"no default learning rate for {method.name}")
+
+
+def default_head_lr(method: Method | str, profile: Profile | None = None) -> float | None:
+    """The default learning rate of the classification head when it differs from the method's
+    (None: the head trains at the method's rate).
+
+    BitFit trains its head at head-only's rate: at any single rate from 1e-3 to 1e-1, either the
+    new head learns too slowly or the LayerNorm biases move too far, and every run stayed on the
+    majority-class plateau (docs/lr_sweep.md).
+    """
+    method = parse(method) if isinstance(method, str) else method
+    return default_lr("head", profile) if method.kind == "bitfit" else None
 
 
 def apply(model: nn.Module, method: Method | str, profile: Profile = TEXT) -> nn.Module:

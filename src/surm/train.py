@@ -4,7 +4,7 @@
 >>> result = finetune(model, batcher, splits, TrainConfig(lr=3e-3, epochs=1))
 >>> result["test"]["accuracy"], result["train_seconds"], result["peak_memory_growth_mb"]
 
-* AdamW on the trainable parameters only, weight decay on all of them, a linear schedule with
+* AdamW on the trainable parameters only (the head at its own rate with ``head_lr``), weight decay on all of them, a linear schedule with
   linear warm-up (6 % of the steps by default), gradient clipping at norm 1.
 * Text batches are padded to the longest sequence in the batch (truncated at ``max_length``);
   training batches are grouped by length (shuffled pools of 50 batches sorted by length, as
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import resource
 import threading
 import time
@@ -67,6 +68,8 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     freeze_norm_stats: bool = False  # keep BatchNorm running statistics fixed (eval mode)
+    head_lr: float | None = None  # learning rate of the head's parameters; None: ``lr``
+    head: str | None = None  # name component of the head's module (e.g. "classifier"); needed with head_lr
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -234,6 +237,25 @@ def _param_groups(model: nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
+def _optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: one at ``config.lr``, or, with ``config.head_lr``, the head's
+    trainable parameters (any module named ``config.head``, PEFT's trainable copy included) at
+    ``head_lr`` and the rest at ``lr``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if config.head_lr is None:
+        return [{"params": [p for _, p in named], "lr": config.lr}]
+    if not config.head:
+        raise ValueError("TrainConfig.head_lr needs TrainConfig.head, the name of the head module (e.g. 'classifier')")
+    in_head = re.compile(rf"(^|\.){re.escape(config.head)}\.")
+    head = [p for n, p in named if in_head.search(n)]
+    rest = [p for n, p in named if not in_head.search(n)]
+    if not head:
+        raise ValueError(f"head_lr={config.head_lr} but no trainable parameter lies in a module named "
+                         f"{config.head!r}; pass the head's module name as TrainConfig.head")
+    return [group for group in ({"params": rest, "lr": config.lr}, {"params": head, "lr": config.head_lr})
+            if group["params"]]
+
+
 def _set_train_mode(model: nn.Module, freeze_norm_stats: bool) -> None:
     model.train()
     if freeze_norm_stats:
@@ -259,7 +281,7 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[
     rng = np.random.default_rng(config.seed)
     steps = num_steps(len(split), config)
     params = _param_groups(model)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(round(config.warmup_ratio * steps))
 
     def schedule(step: int) -> float:

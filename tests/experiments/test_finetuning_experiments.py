@@ -64,6 +64,10 @@ def test_run_spec_key_tracks_what_changes_results():
     assert spec.key != spec.replace(seed=1).key != spec.replace(lr=0.5).key
     assert spec.key.startswith("rotten_tomatoes-lora-8-s0-")
     assert common.RunSpec("digits", "surm:ldr:rank=2").slug == "digits-surm-ldr-rank2-s0"
+    # a head rate equal to the method's is no change; a different one is
+    assert spec.key == spec.replace(head_lr=spec.effective_lr).key != spec.replace(head_lr=0.1).key
+    bitfit = common.RunSpec("rotten_tomatoes", "bitfit")
+    assert bitfit.effective_head_lr == 0.1 and bitfit.key != bitfit.replace(head_lr=bitfit.effective_lr).key
 
 
 def test_load_splits_sizes_and_fixed_eval_subset():

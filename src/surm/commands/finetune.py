@@ -47,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="minilm | tiny-bert (random, for tests) | efficientnet | a local transformers "
                         "directory (default: minilm for text, efficientnet for images)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the method's, docs/lr_sweep.md)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the classification head (default: the method's rate; BitFit: head-only's)")
     p.add_argument("--epochs", type=float, default=1.0, help="epochs, fractions allowed (default: 1)")
     p.add_argument("--min-steps", type=int, default=0, help="train at least this many steps (default: 0)")
     p.add_argument("--batch-size", type=int, default=16, help="default: 16 (the default learning rates assume it)")
@@ -85,7 +87,7 @@ def spec_from_args(args: argparse.Namespace):
         min_steps=args.min_steps, batch_size=args.batch_size, n_train=args.max_train,
         train_fraction=args.train_fraction, n_eval=args.max_eval or None, max_length=args.max_length,
         image_size=args.image_size, model=model, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
-        eval_splits=("validation", "test"), device=args.device,
+        eval_splits=("validation", "test"), device=args.device, head_lr=args.head_lr,
     )
 
 
@@ -119,8 +121,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def summary(record: dict, out: Path) -> str:
     """A few lines for the terminal."""
+    from surm.experiments.common import fmt_lr
+
     lines = [f"{record['label']} on {record['spec']['dataset']} ({record['sizes']['train']} training examples, "
-             f"lr {record['lr']:g}, {record['train']['steps']} steps, seed {record['spec']['seed']})"]
+             f"lr {fmt_lr(record)}, {record['train']['steps']} steps, seed {record['spec']['seed']})"]
     for split in ("validation", "test"):
         if split in record:
             m = record[split]

@@ -85,13 +85,16 @@ class RunSpec:
     eval_splits: tuple[str, ...] = ("test",)
     device: str = "cpu"
     save_deltas: bool = False
+    head_lr: float | None = None  # None: the method's default (surm.methods.default_head_lr)
 
     @property
     def key(self) -> str:
         """A file-name-safe key of everything that changes the result (not ``save_deltas``)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "save_deltas"}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("save_deltas", "head_lr")}
         fields["method"] = surm_methods.parse(self.method).name
         fields["lr"] = self.effective_lr
+        if self.effective_head_lr is not None:  # absent otherwise: keys of runs from before head_lr stay valid
+            fields["head_lr"] = self.effective_head_lr
         fields["version"] = surm.__version__
         digest = hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.slug}-{digest}"
@@ -105,9 +108,18 @@ class RunSpec:
         return f"{self.dataset}-{method}-s{self.seed}"
 
     @property
+    def profile(self) -> surm_methods.Profile:
+        return surm_methods.IMAGE if self.model == "efficientnet" else surm_methods.TEXT
+
+    @property
     def effective_lr(self) -> float:
-        profile = surm_methods.IMAGE if self.model == "efficientnet" else surm_methods.TEXT
-        return self.lr if self.lr is not None else surm_methods.default_lr(self.method, profile)
+        return self.lr if self.lr is not None else surm_methods.default_lr(self.method, self.profile)
+
+    @property
+    def effective_head_lr(self) -> float | None:
+        """The head's learning rate when it differs from :attr:`effective_lr`, else None."""
+        head_lr = self.head_lr if self.head_lr is not None else surm_methods.default_head_lr(self.method, self.profile)
+        return None if head_lr == self.effective_lr else head_lr
 
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
@@ -203,6 +215,7 @@ def execute(spec: RunSpec, progress: bool = True) -> tuple[dict[str, Any], torch
         lr=spec.effective_lr, epochs=spec.epochs, min_steps=spec.min_steps, batch_size=spec.batch_size,
         weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio, seed=spec.seed, device=spec.device,
         progress=progress, freeze_norm_stats=True,  # BatchNorm uses its pretrained statistics, for every method
+        head_lr=spec.effective_head_lr, head=profile.head,
     )
     trainable = surm_methods.count_trainable(model)
     result = finetune(model, batcher, splits, config, eval_splits=spec.eval_splits)
@@ -212,6 +225,7 @@ def execute(spec: RunSpec, progress: bool = True) -> tuple[dict[str, Any], torch
         "method": method.name,
         "label": method.label,
         "lr": spec.effective_lr,
+        "head_lr": spec.effective_head_lr,
         "trainable_params": trainable,
         "adapter_params": surm_methods.count_trainable(model, exclude_head=profile.head),
         "optimizer_state_mb": trainable * 12 / 2**20,  # fp32 gradient + two AdamW moments
@@ -329,7 +343,7 @@ def aggregate(records: Sequence[dict[str, Any]], by: Sequence[str] = ("dataset",
         row = dict(zip(by, key))
         row.update(
             label=rs[0]["label"], adapter_params=rs[0]["adapter_params"], trainable_params=rs[0]["trainable_params"],
-            lr=rs[0]["lr"], seeds=[r["spec"]["seed"] for r in rs], n_train=rs[0]["sizes"]["train"],
+            lr=rs[0]["lr"], head_lr=rs[0].get("head_lr"), seeds=[r["spec"]["seed"] for r in rs], n_train=rs[0]["sizes"]["train"],
             n_test=rs[0]["sizes"]["test"],
             accuracy=mean_std(r["test"]["accuracy"] for r in rs),
             macro_f1=mean_std(r["test"]["macro_f1"] for r in rs),
@@ -338,6 +352,12 @@ def aggregate(records: Sequence[dict[str, Any]], by: Sequence[str] = ("dataset",
         )
         rows.append(row)
     return rows
+
+
+def fmt_lr(row: dict[str, Any]) -> str:
+    """``"0.003"``, or ``"0.001 (head 0.1)"`` where the head has its own rate."""
+    head = row.get("head_lr")
+    return f"{row['lr']:g}" if head is None else f"{row['lr']:g} (head {head:g})"
 
 
 def fmt_pct(pair: tuple[float, float], std: bool = True) -> str:

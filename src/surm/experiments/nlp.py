@@ -127,7 +127,7 @@ def report(rows: list[dict[str, Any]], config: dict[str, Any], preset: str, wall
         std = len(r0["seeds"]) > 1
         for r in drows:
             ratio = f"{r['adapter_params'] / lora8:.3f}x" if lora8 and r["adapter_params"] else "—"
-            table.append([r["label"], common.fmt_params(r["adapter_params"]), ratio, f"{r['lr']:g}",
+            table.append([r["label"], common.fmt_params(r["adapter_params"]), ratio, common.fmt_lr(r),
                           common.fmt_pct(r["accuracy"], std), common.fmt_pct(r["macro_f1"], std),
                           f"{r['train_seconds'][0]:.0f}"])
         lines.append(common.markdown_table(header, table))

@@ -78,7 +78,7 @@ def report(rows, config, preset, wall, records) -> str:
     table = []
     for m in methods:
         first = cell[(datasets[0], m)]
-        table.append([first["label"], common.fmt_params(first["adapter_params"]), f"{first['lr']:g}"]
+        table.append([first["label"], common.fmt_params(first["adapter_params"]), common.fmt_lr(first)]
                      + [common.fmt_pct(cell[(d, m)]["accuracy"]) for d in datasets]
                      + [f"{first['train_seconds'][0]:.0f}"])
     head = next((r["trainable_params"] for r in rows if r["method"] == "head"), None)
