@@ -24,7 +24,7 @@ from . import common
 TEXT_GRID = {
     "full": [5e-5, 1e-4, 3e-4, 1e-3],
     "head": [3e-3, 1e-2, 3e-2, 1e-1],
-    "bitfit": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
+    "bitfit": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],  # biases; the head at head-only's 1e-1
     "lora:8": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
     "houlsby:32": [3e-4, 1e-3, 3e-3, 1e-2],
     "surm:circulant": [3e-3, 5e-3, 1e-2, 2e-2, 3e-2],
