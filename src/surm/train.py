@@ -230,18 +230,13 @@ class MemoryTracker:
 # --------------------------------------------------------------------------- training
 
 
-def _param_groups(model: nn.Module) -> list[torch.nn.Parameter]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
-    return params
-
-
 def _optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
     """AdamW parameter groups: one at ``config.lr``, or, with ``config.head_lr``, the head's
     trainable parameters (any module named ``config.head``, PEFT's trainable copy included) at
     ``head_lr`` and the rest at ``lr``."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
     if config.head_lr is None:
         return [{"params": [p for _, p in named], "lr": config.lr}]
     if not config.head:
@@ -280,8 +275,9 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     steps = num_steps(len(split), config)
-    params = _param_groups(model)
-    optimizer = torch.optim.AdamW(_optimizer_groups(model, config), lr=config.lr, weight_decay=config.weight_decay)
+    groups = _optimizer_groups(model, config)
+    params = [p for group in groups for p in group["params"]]  # for gradient clipping
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     warmup = int(round(config.warmup_ratio * steps))
 
     def schedule(step: int) -> float:

@@ -284,7 +284,24 @@ def run_many(specs: Sequence[RunSpec], store: Path | None, desc: str, progress: 
     return records
 
 
+def run_preset(
+    specs: Sequence[RunSpec], config: dict[str, Any], out_dir: Path, desc: str
+) -> tuple[list[dict[str, Any]], float]:
+    """:func:`run_many` under a resolved preset's ``threads``, ``store``, ``progress`` and
+    ``fresh``; returns ``(records, wall seconds)``."""
+    start = time.perf_counter()
+    with threads(config["threads"]):
+        records = run_many(specs, store_dir(out_dir, config["store"]), desc, config["progress"], config["fresh"])
+    return records, time.perf_counter() - start
+
+
 # --------------------------------------------------------------------------- presets
+
+
+def preset_lr(config: dict[str, Any], method: str) -> float | None:
+    """The learning rate a preset's ``lr`` override gives ``method``: one value for every method,
+    a ``{method: lr}`` dict, or None (the method's default)."""
+    return config["lr"].get(method) if isinstance(config["lr"], dict) else config["lr"]
 
 
 @contextlib.contextmanager

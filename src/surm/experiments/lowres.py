@@ -14,7 +14,6 @@ Writes ``lowres.json``, ``lowres.md`` (methods x fractions, and SURM minus LoRA)
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ def specs(config: dict[str, Any]) -> list[common.RunSpec]:
                               n_eval=config["n_eval"], epochs=config["epochs"], batch_size=config["batch_size"],
                               min_steps=min_steps)
         for method in config["methods"]:
-            lr = config["lr"].get(method) if isinstance(config["lr"], dict) else config["lr"]
+            lr = common.preset_lr(config, method)
             out += [base.replace(method=method, seed=seed, lr=lr) for seed in config["seeds"]]
     return out
 
@@ -59,11 +58,7 @@ def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str
     """Run the low-resource experiment into ``out_dir``; returns ``{"rows", "markdown", "files", ...}``."""
     config = common.resolve_preset("lowres", PRESETS, preset, overrides)
     out_dir = Path(out_dir)
-    start = time.perf_counter()
-    with common.threads(config["threads"]):
-        records = common.run_many(specs(config), common.store_dir(out_dir, config["store"]), "lowres",
-                                  config["progress"], config["fresh"])
-    wall = time.perf_counter() - start
+    records, wall = common.run_preset(specs(config), config, out_dir, "lowres")
     rows = common.aggregate(records, by=("train_fraction", "method"))
     markdown = report(rows, config, preset, wall, records)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ accuracy with the best per row in bold) and ``lr_sweep.png``.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +68,7 @@ def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str
     """Run the sweep into ``out_dir``; returns ``{"best", "markdown", "files", ...}``."""
     config = common.resolve_preset("lr_sweep", PRESETS, preset, overrides)
     out_dir = Path(out_dir)
-    start = time.perf_counter()
-    with common.threads(config["threads"]):
-        records = common.run_many(specs(config), common.store_dir(out_dir, config["store"]), "lr sweep",
-                                  config["progress"], config["fresh"])
-    wall = time.perf_counter() - start
+    records, wall = common.run_preset(specs(config), config, out_dir, "lr sweep")
     scores: dict[str, dict[float, list[float]]] = {}
     for r in records:
         scores.setdefault(r["method"], {}).setdefault(r["lr"], []).append(r["validation"]["accuracy"])

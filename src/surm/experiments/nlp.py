@@ -21,7 +21,6 @@ Writes ``nlp.json`` (config, aggregated rows, every run record), ``nlp.md`` (tab
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +73,7 @@ def specs(config: dict[str, Any]) -> list[common.RunSpec]:
     for dataset, methods in config["methods"].items():
         base = base_spec(config, dataset)
         for method in methods:
-            lr = config["lr"].get(method) if isinstance(config["lr"], dict) else config["lr"]
+            lr = common.preset_lr(config, method)
             save = method.split(":")[0] in DELTA_KINDS and ":serial" not in method and dataset == "rotten_tomatoes"
             for seed in config["seeds"]:
                 out.append(base.replace(method=method, seed=seed, lr=lr, save_deltas=save and config["model"] != "tiny-bert"))
@@ -90,11 +89,7 @@ def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str
     """
     config = common.resolve_preset("nlp", PRESETS, preset, overrides)
     out_dir = Path(out_dir)
-    start = time.perf_counter()
-    with common.threads(config["threads"]):
-        records = common.run_many(specs(config), common.store_dir(out_dir, config["store"]), "nlp",
-                                  config["progress"], config["fresh"])
-    wall = time.perf_counter() - start
+    records, wall = common.run_preset(specs(config), config, out_dir, "nlp")
     rows = common.aggregate(records)
     markdown = report(rows, config, preset, wall, records)
     png = out_dir / "nlp.png"

@@ -11,7 +11,6 @@ Writes ``vision.json``, ``vision.md`` and ``vision.png`` (accuracy against param
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ def specs(config: dict[str, Any]) -> list[common.RunSpec]:
                               train_fraction=config["train_fraction"][dataset], n_eval=config["n_eval"],
                               image_size=config["image_size"], batch_size=config["batch_size"], epochs=config["epochs"])
         for method in config["methods"]:
-            lr = config["lr"].get(method) if isinstance(config["lr"], dict) else config["lr"]
+            lr = common.preset_lr(config, method)
             out += [base.replace(method=method, seed=seed, lr=lr) for seed in config["seeds"]]
     return out
 
@@ -49,11 +48,7 @@ def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str
     """Run the vision experiment into ``out_dir``; returns ``{"rows", "markdown", "files", ...}``."""
     config = common.resolve_preset("vision", PRESETS, preset, overrides)
     out_dir = Path(out_dir)
-    start = time.perf_counter()
-    with common.threads(config["threads"]):
-        records = common.run_many(specs(config), common.store_dir(out_dir, config["store"]), "vision",
-                                  config["progress"], config["fresh"])
-    wall = time.perf_counter() - start
+    records, wall = common.run_preset(specs(config), config, out_dir, "vision")
     rows = common.aggregate(records)
     markdown = report(rows, config, preset, wall, records)
     out_dir.mkdir(parents=True, exist_ok=True)
