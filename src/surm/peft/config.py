@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -23,7 +24,15 @@ class SurmPeftType(str):
 
     @property
     def value(self) -> str:
-        return str(self)
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        # as str() of a PeftType member, "PeftType.LORA": PEFT reads the name after the dot
+        # (get_model_status); JSON, formatting and dict lookups still see "SURM"
+        return f"PeftType.{self.value}"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 SURM = SurmPeftType("SURM")
@@ -73,6 +82,7 @@ class SurmConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SURM
+        self._check_types()
         structured.get(self.structure)  # unknown structure: ValueError listing the known ones
         if self.placement not in PLACEMENTS:
             raise ValueError(f"SurmConfig: placement must be one of {PLACEMENTS}, got {self.placement!r}")
@@ -95,12 +105,49 @@ class SurmConfig(PeftConfig):
         self._check_knobs(self.knobs(), "")
         for pattern, overrides in self.knob_pattern.items():
             if not isinstance(overrides, dict):
-                raise ValueError(f"SurmConfig: knob_pattern[{pattern!r}] must be a dict of knobs, got {overrides!r}")
+                raise ValueError(
+                    f"SurmConfig: knob_pattern[{pattern!r}] must be a dict of knobs, got {overrides!r}; "
+                    f"for example knob_pattern={{{pattern!r}: {{'block_size': 64}}}}"
+                )
             try:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"SurmConfig: knob_pattern key {pattern!r} is not a valid regex: {err}") from None
             self._check_knobs(overrides, f" in knob_pattern[{pattern!r}]")
+
+    def _check_types(self) -> None:
+        """Wrong types fail here, naming the field, the value and what is expected; nothing is
+        coerced (``fused="false"`` is a truthy string, ``factors`` with 4.5 is no shape)."""
+        _expect(self.structure, "structure", _is_str, f"a string, one of {structured.names()}")
+        _expect(self.placement, "placement", _is_str, f"a string, one of {PLACEMENTS}")
+        _expect(self.activation, "activation", _is_str, f"a string, one of {ACTIVATIONS}")
+        _expect(self.init, "init", _is_str, f"a string, one of {structured.INIT_MODES}")
+        _expect(self.bias, "bias", _is_str, f"a string, one of {BIAS_MODES}")
+        _expect(self.alpha, "alpha", _is_real, "a finite number, e.g. alpha=1.0")
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"SurmConfig: alpha must be a finite number, got {self.alpha!r}")
+        _expect(self.dropout, "dropout", _is_real, "a number in [0, 1), e.g. dropout=0.1")
+        _expect(self.fused, "fused", lambda v: v is None or isinstance(v, bool), "True, False or None (the default)")
+        for knob in ("block_size", "rank", "terms"):
+            _expect(getattr(self, knob), knob, lambda v: v is None or _is_positive_int(v), "a positive integer or None")
+        _expect(self.factors, "factors", lambda v: v is None or _is_factors(v), "((a1, a2), (b1, b2)) of positive integers, or None")
+        _expect(self.knob_pattern, "knob_pattern", lambda v: isinstance(v, dict),
+                "a dict of module-name pattern -> dict of knobs, e.g. {'intermediate.dense': {'block_size': 64}}")
+        for pattern, overrides in self.knob_pattern.items():
+            if not isinstance(overrides, dict):
+                continue  # reported with an example in __post_init__
+            for knob, value in overrides.items():
+                check = _is_factors if knob == "factors" else _is_positive_int
+                _expect(value, f"knob_pattern[{pattern!r}][{knob!r}]", check, "a positive integer" if knob != "factors"
+                        else "((a1, a2), (b1, b2)) of positive integers")
+        _expect(self.target_modules, "target_modules", _is_names, "a list of module names, a regex string or 'all-linear'")
+        _expect(self.exclude_modules, "exclude_modules", _is_names, "a list of module names or a regex string")
+        _expect(self.modules_to_save, "modules_to_save", lambda v: v is None or _is_str_collection(v),
+                "a list of module names, e.g. ['classifier']")
+        _expect(self.layers_to_transform, "layers_to_transform",
+                lambda v: v is None or _is_index(v) or (isinstance(v, (list, tuple)) and all(map(_is_index, v))),
+                "a layer index or a list of layer indices")
+        _expect(self.layers_pattern, "layers_pattern", _is_names, "a string or a list of strings, e.g. 'layer'")
 
     def _check_knobs(self, knobs: dict[str, Any], where: str) -> None:
         accepted = structured.knob_names(self.structure)
@@ -125,3 +172,42 @@ class SurmConfig(PeftConfig):
                 knobs.update(overrides)
                 break
         return knobs
+
+
+def _expect(value: Any, name: str, ok, expected: str) -> None:
+    if not ok(value):
+        raise ValueError(f"SurmConfig: {name} must be {expected}; got {value!r} ({type(value).__name__})")
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_str_collection(value: Any) -> bool:
+    return isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value)
+
+
+def _is_names(value: Any) -> bool:
+    """None, one string (a regex, or 'all-linear') or a collection of strings."""
+    return value is None or isinstance(value, str) or _is_str_collection(value)
+
+
+def _is_factors(value: Any) -> bool:
+    """((a1, a2), (b1, b2)) of positive integers (lists, as JSON gives them, too)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_positive_int, pair)) for pair in value)
+    )

@@ -93,8 +93,11 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 def get_matrix(module: nn.Module) -> torch.Tensor:
     """The base weight as an (out, in) matrix (a view where possible)."""
-    kind = layer_kind(module)
-    w = module.weight
+    return _weight_matrix(layer_kind(module), module.weight)
+
+
+def _weight_matrix(kind: str, w: torch.Tensor) -> torch.Tensor:
+    """A base weight tensor of a layer of ``kind`` as an (out, in) matrix."""
     return w if kind == "linear" else (w.T if kind == "conv1d" else w[:, :, 0, 0])
 
 
@@ -144,8 +147,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
         weight = self.get_base_layer().weight
-        # FFTs and small factors want at least float32: half-precision bases get float32 adapters
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        # The adapter takes the base weight's floating dtype. PEFT then raises half precision to
+        # float32 unless get_peft_model(..., autocast_adapter_dtype=False); either way the FFTs
+        # run in a float32 island.
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
         device = weight.device if weight.device.type != "meta" else None
         m, n = self.adapter_shape(config.placement)
         self.surm_matrix[adapter_name] = structured.make(
@@ -240,54 +245,99 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge adapters into the base weight: parallel ``W += alpha S``; serial (identity
-        activation only) ``W <- (I + alpha S) W``, ``b <- (I + alpha S) b + beta``, applied after the
-        parallel ones, all serial adapters of one call together (they are summed, not chained)."""
+        activation only) ``W <- (I + sum alpha S) W_h``, ``b <- (I + sum alpha S) b_h + sum beta``
+        where ``W_h, b_h`` is the base plus every merged parallel adapter: serial adapters are
+        summed, not chained, so merging them one call at a time or all in one call gives the
+        same weights. In a layer with a mergeable serial adapter every merge is recomputed from
+        the original weights, saved at the first merge, which :meth:`unmerge` restores exactly."""
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.surm_matrix]
         if not names:
             return
-        serial = [a for a in names if self.surm_placement[a] == "serial"]
-        for a in serial:
-            if self.surm_activation[a] != "identity":
+        for a in names:
+            if self.surm_placement[a] == "serial" and self.surm_activation[a] != "identity":
                 raise ValueError(
                     f"surm: cannot merge serial adapter {a!r}: its activation {self.surm_activation[a]!r} is "
                     f"not linear, so h + act(S h) + beta is not a linear layer. Only serial adapters with "
                     f"activation='identity' merge; keep this one unmerged (or use placement='parallel')."
                 )
-        if self._merge_snapshot is not None:
-            raise ValueError(
-                f"surm: a serial adapter is already merged into this layer ({self._merge_snapshot['names']}); "
-                f"unmerge it before merging {names}."
-            )
+        if self._merge_snapshot is None and not self._has_mergeable_serial():
+            self._merge_parallel(names, safe_merge)
+        else:
+            self._merge_from_snapshot(names, safe_merge)
+        self.merged_adapters.extend(names)
+
+    def _has_mergeable_serial(self) -> bool:
+        """Whether a serial adapter that can merge lives here: then every merge keeps the
+        original weights (one copy), so that any order of merges is exact and unmerge restores
+        them bit for bit. Layers with parallel adapters only merge by addition, as LoRA."""
+        return any(
+            self.surm_placement[a] == "serial" and self.surm_activation[a] == "identity" for a in self.surm_matrix
+        )
+
+    def _merge_parallel(self, names: list[str], safe_merge: bool) -> None:
+        """``W += sum alpha S`` in place of the base weight (undone by subtraction)."""
         base = self.get_base_layer()
         W = get_matrix(base)
         compute = torch.promote_types(W.dtype, torch.float32)
         new_W = W.to(compute)
         for a in names:
-            if self.surm_placement[a] == "parallel":
-                new_W = new_W + self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute)
-        new_b = None
-        if serial:
-            eye = torch.eye(self.out_features, dtype=compute, device=W.device)
-            M = eye + sum(self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute) for a in serial)
-            new_W = M @ new_W
-            b = base.bias.to(compute) if base.bias is not None else torch.zeros(self.out_features, dtype=compute, device=W.device)
-            new_b = M @ b + sum(self._serial_offset(a).to(compute) for a in serial)
-            if safe_merge and not torch.isfinite(new_b).all():
-                raise ValueError(f"surm: merging {names} gives non-finite biases; the adapter(s) seem broken")
-        if safe_merge and not torch.isfinite(new_W).all():
-            raise ValueError(f"surm: merging {names} gives non-finite weights; the adapter(s) seem broken")
-        if serial:
-            self._merge_snapshot = {
-                "names": list(names),
-                "weight": base.weight.data.clone(),
-                "bias": None if base.bias is None else base.bias.data.clone(),
-            }
-            if base.bias is None:
-                base.bias = nn.Parameter(new_b.to(base.weight.dtype), requires_grad=False)
-            else:
-                base.bias.data = new_b.to(base.bias.dtype)
+            new_W = new_W + self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute)
+        if safe_merge:
+            self._check_finite(names, new_W)
         set_matrix(base, new_W)
-        self.merged_adapters.extend(names)
+
+    def _merge_from_snapshot(self, names: list[str], safe_merge: bool) -> None:
+        """Serial merges: rebuild W and b from the saved pre-serial weights and every adapter
+        merged since, so the result does not depend on how the merges were grouped."""
+        base = self.get_base_layer()
+        snap = self._merge_snapshot or {
+            "names": [],
+            "weight": base.weight.data.clone(),
+            "bias": None if base.bias is None else base.bias.data.clone(),
+        }
+        merged = snap["names"] + names
+        W0 = snap["weight"]
+        compute = torch.promote_types(W0.dtype, torch.float32)
+        m = self.out_features
+        W_h = _weight_matrix(self.kind, W0).to(compute)
+        b_h = snap["bias"].to(compute) if snap["bias"] is not None else W_h.new_zeros(m)
+        serial = []
+        for a in (a for a in self.surm_matrix if a in merged):  # a fixed order: any grouping, same sums
+            if self.surm_placement[a] == "parallel":
+                W_h = W_h + self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute)
+            else:
+                serial.append(a)
+        M = torch.eye(m, dtype=compute, device=W_h.device)
+        for a in serial:
+            M = M + self.surm_alpha[a] * self.surm_matrix[a].dense().detach().to(compute)
+        new_W = M @ W_h
+        new_b = M @ b_h
+        for a in serial:
+            new_b = new_b + self._serial_offset(a).to(compute)
+        if safe_merge:
+            self._check_finite(names, new_W, new_b)
+        self._merge_snapshot = {**snap, "names": merged}
+        if base.bias is None:
+            base.bias = nn.Parameter(new_b.to(base.weight.dtype), requires_grad=False)
+        else:
+            base.bias.data = new_b.to(base.bias.dtype)
+        set_matrix(base, new_W)
+
+    def _check_finite(self, names: list[str], *merged: torch.Tensor) -> None:
+        """PEFT's safe-merge error (same wording as LoRA's), naming the broken adapter."""
+        if all(torch.isfinite(t).all() for t in merged):
+            return
+        broken = [a for a in names if not all(torch.isfinite(p).all() for p in self._adapter_tensors(a))]
+        raise ValueError(
+            f"NaNs detected in the merged weights. The adapter {', '.join(broken or names)} seems to be broken"
+        )
+
+    def _adapter_tensors(self, adapter: str) -> list[torch.Tensor]:
+        tensors = list(self.surm_matrix[adapter].parameters())
+        for store in (self.surm_bias, self.surm_inner_bias):
+            if adapter in store:
+                tensors.append(store[adapter])
+        return tensors
 
     def _serial_offset(self, adapter: str) -> torch.Tensor:
         """The constant term of a linear serial adapter: beta (+ alpha * B c for a bottleneck)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -54,6 +55,7 @@ class SurmModel(BaseTuner):
             if result and not isinstance(result, _ExcludedModule):
                 matched.append((key, base))
         if not matched:
+            _explain_filtered_targets(peft_config, [k for k, _ in modules if k and not k.startswith(wrapped)])
             names = sorted({k.rsplit(".", 1)[-1] for k in candidates})
             raise ValueError(
                 f"SurmConfig: target_modules={_show(peft_config.target_modules)} matched no module of this "
@@ -124,6 +126,28 @@ class SurmModel(BaseTuner):
                 f"base model or with other knobs?"
             )
         return remapped
+
+
+def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
+    """When target_modules names modules but layers_to_transform / layers_pattern /
+    exclude_modules remove every one of them, raise an error that blames those filters."""
+    unfiltered = copy.copy(config)
+    unfiltered.layers_to_transform = unfiltered.layers_pattern = unfiltered.exclude_modules = None
+    named = [k for k in keys if check_target_module_exists(unfiltered, k)]
+    if not named:
+        return
+    filters = {
+        field: getattr(config, field)
+        for field in ("layers_to_transform", "layers_pattern", "exclude_modules")
+        if getattr(config, field) is not None
+    }
+    shown = ", ".join(f"{field}={_show(value)}" for field, value in filters.items())
+    raise ValueError(
+        f"SurmConfig: target_modules={_show(config.target_modules)} matched {len(named)} modules "
+        f"(such as {', '.join(named[:3])}), but {shown} removed all {len(named)}. Check the layer indices "
+        f"(and layers_pattern, the name of the module list that holds the layers, e.g. 'layer' or 'layers') "
+        f"or the exclusions."
+    )
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
