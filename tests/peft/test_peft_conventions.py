@@ -174,3 +174,20 @@ def test_filters_that_remove_every_target_are_blamed_not_target_modules(filters,
     assert "matched no module" not in str(err.value)
     assert not _surm_layers(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# -- target_modules="all-linear" -------------------------------------------------------------------
+@pytest.mark.parametrize(("factory", "task_type"), [("llama", None), ("gpt2", None), ("bert", "SEQ_CLS"), ("mlp", None)])
+def test_all_linear_expands_as_peft_does_for_lora(factory, task_type):
+    from . import tiny_models
+
+    model, _, run = getattr(tiny_models, factory)()
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", task_type=task_type))
+    surm_model = peft.get_peft_model(copy.deepcopy(model), surm.SurmConfig(target_modules="all-linear", task_type=task_type))
+    expected = set(lora.peft_config["default"].target_modules)
+    assert set(surm_model.peft_config["default"].target_modules) == expected
+    wrapped = {name.removeprefix("base_model.model.") for name, m in surm_model.named_modules() if isinstance(m, SurmLayer)}
+    assert wrapped == expected and len(wrapped) > 1
+    assert not any(name.endswith(("lm_head", "classifier")) for name in wrapped)
+    with torch.no_grad():
+        torch.testing.assert_close(run(surm_model), run(model))  # zero init: the base model's outputs

@@ -26,10 +26,12 @@ Houlsby/Pfeiffer bottleneck adapter (2*d*r + r + d parameters).
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any, Optional
 
 import torch
+from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
@@ -109,11 +111,30 @@ def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     w.data = new.to(w.dtype).contiguous()
 
 
+def adapter_signature(S: structured.StructuredMatrix, placement: str) -> dict[str, Any]:
+    """What the tensors of an adapter are: its family, resolved knobs and placement. Saved with
+    the weights (the ``surm_signature`` buffer), so that a config naming another family with
+    the same tensor shapes is refused on load instead of silently computing something else."""
+    return json.loads(json.dumps({"structure": S.name, "placement": placement, **S.knobs()}))
+
+
+def encode_signature(signature: dict[str, Any], device: Optional[torch.device] = None) -> torch.Tensor:
+    """A signature as a uint8 tensor of its sorted JSON text."""
+    data = json.dumps(signature, sort_keys=True).encode()
+    return torch.tensor(list(data), dtype=torch.uint8, device=device)
+
+
+def decode_signature(tensor: torch.Tensor) -> dict[str, Any]:
+    return json.loads(bytes(tensor.cpu().tolist()).decode())
+
+
 class SurmLayer(nn.Module, BaseTunerLayer):
     """A supported base layer plus SURM adapters (see the module docstring)."""
 
     adapter_layer_names = ("surm_matrix", "surm_bias", "surm_inner_bias")
-    other_param_names = ("surm_alpha", "surm_placement", "surm_activation", "surm_dropout", "surm_fused")
+    other_param_names = (
+        "surm_alpha", "surm_placement", "surm_activation", "surm_dropout", "surm_fused", "surm_signature"
+    )
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
         super().__init__()
@@ -132,6 +153,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_placement: dict[str, str] = {}
         self.surm_activation: dict[str, str] = {}
         self.surm_fused: dict[str, Optional[bool]] = {}
+        self.surm_signature = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_snapshot: Optional[dict[str, Any]] = None
@@ -166,6 +188,9 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_placement[adapter_name] = config.placement
         self.surm_activation[adapter_name] = config.activation
         self.surm_fused[adapter_name] = config.fused
+        self.surm_signature[adapter_name] = encode_signature(
+            adapter_signature(self.surm_matrix[adapter_name], config.placement), device
+        )
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def is_bottleneck(self, adapter: str) -> bool:
@@ -237,10 +262,13 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     # -- merging -----------------------------------------------------------------------
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """alpha * S.dense() of a parallel adapter, (out, in) in the base weight's dtype."""
+        """alpha * S.dense() of a parallel adapter in the base weight's dtype and layout, as
+        PEFT expects (``weight + delta`` is the merged weight): (out, in) for Linear, (in, out)
+        for Conv1D, (out, in, 1, 1) for a 1x1 Conv2d."""
         if self.surm_placement[adapter] != "parallel":
             raise ValueError(f"surm: adapter {adapter!r} is serial; it has no additive delta weight")
         delta = self.surm_alpha[adapter] * self.surm_matrix[adapter].dense()
+        delta = delta if self.kind == "linear" else (delta.T if self.kind == "conv1d" else delta[:, :, None, None])
         return delta.to(self.get_base_layer().weight.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -370,3 +398,13 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def __repr__(self) -> str:
         return "surm." + super().__repr__()
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether PEFT's ``convert_to_lora`` can export this adapter: parallel ones (additive,
+        ``dW = alpha S``) on Linear/Conv1D layers; otherwise warns why (see :mod:`.lora_export`)."""
+        from .lora_export import lora_conversion_problem
+
+        problem = lora_conversion_problem(self, adapter_name)
+        if problem:
+            warnings.warn(problem, stacklevel=2)
+        return problem is None

@@ -6,13 +6,19 @@ import copy
 from typing import Any
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _maybe_include_all_linear_layers,
+    check_target_module_exists,
+)
 from torch import nn
 
 from surm import structured
 
 from .config import SurmConfig
-from .layer import SurmLayer, features, unsupported_reason
+from .layer import SurmLayer, decode_signature, features, unsupported_reason
 from .targets import PARALLEL_TARGETS, default_targets
 
 
@@ -28,6 +34,14 @@ class SurmModel(BaseTuner):
     tuner_layer_cls = SurmLayer
     target_module_mapping = PARALLEL_TARGETS
 
+    def _pre_injection_hook(self, model: nn.Module, config: SurmConfig, adapter_name: str) -> None:
+        """Remember the model as it was, so that a failed load can restore it exactly."""
+        super()._pre_injection_hook(model, config, adapter_name)
+        self._pristine = {
+            "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+            "had_peft_config": "peft_config" in vars(model),
+        }
+
     def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
         if peft_config.target_modules is None:
             model_type = model_config.get("model_type")
@@ -41,7 +55,10 @@ class SurmModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SurmConfig, model: nn.Module) -> None:
-        """Check every target before any layer is replaced, so a bad config changes nothing."""
+        """Check every target before any layer is replaced, so a bad config changes nothing.
+        ``target_modules="all-linear"`` is expanded first, as PEFT does (every Linear and
+        Conv1D but the output head)."""
+        _maybe_include_all_linear_layers(peft_config, model)
         modules = list(model.named_modules())
         wrapped = tuple(k + "." for k, m in modules if k and isinstance(m, BaseTunerLayer))
         matched, candidates = [], []
@@ -107,10 +124,23 @@ class SurmModel(BaseTuner):
         own = model.state_dict()
         prefix = "base_model.model."
         needs_prefix = any(k.startswith(prefix) for k in own)
-        for ckpt_key, key in zip(state_dict, remapped):
-            if cls.prefix not in key:
-                continue
-            model_key = key if needs_prefix else key.removeprefix(prefix)
+        pairs = [
+            (ckpt_key, key, key if needs_prefix else key.removeprefix(prefix))
+            for ckpt_key, key in zip(state_dict, remapped)
+            if cls.prefix in key
+        ]
+        for ckpt_key, key, model_key in pairs:  # what the tensors are, before their shapes
+            if ckpt_key.endswith(".surm_signature") and model_key in own:
+                saved, built = decode_signature(remapped[key]), decode_signature(own[model_key])
+                if saved != built:
+                    _remove_adapter(model, adapter_name)
+                    module = ckpt_key.removeprefix(prefix).removesuffix(".surm_signature")
+                    raise ValueError(
+                        f"surm: the adapter's tensors for {module} were saved as {_describe(saved)}, but its "
+                        f"config builds {_describe(built)}. adapter_config.json does not describe these "
+                        f"weights; set structure, its knobs and placement back to what was trained."
+                    )
+        for ckpt_key, key, model_key in pairs:
             if model_key not in own:
                 problem = f"checkpoint tensor {ckpt_key!r} has no counterpart in this model"
             elif own[model_key].shape != remapped[key].shape:
@@ -126,6 +156,22 @@ class SurmModel(BaseTuner):
                 f"base model or with other knobs?"
             )
         return remapped
+
+    def supports_lora_conversion(self, adapter_name: str | None = None) -> bool:
+        """Whether PEFT's ``convert_to_lora`` can export ``adapter_name`` (default: the active
+        adapters) from every SURM layer; see :mod:`surm.peft.lora_export`."""
+        names = [adapter_name] if adapter_name is not None else list(self.active_adapters)
+        layers = [m for m in self.model.modules() if isinstance(m, SurmLayer)]
+        return bool(layers) and all(m.supports_lora_conversion(a) for m in layers for a in names)
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "auto"
+    ) -> None:
+        """A new adapter ``adapter_name`` whose update is exactly ``sum_i weights[i] * update_i``;
+        see :func:`surm.peft.weighted.add_weighted_adapter`."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type)
 
 
 def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
@@ -150,12 +196,24 @@ def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
     )
 
 
+def _describe(signature: dict[str, Any]) -> str:
+    knobs = ", ".join(f"{k}={v}" for k, v in signature.items() if k not in ("structure", "placement"))
+    return f"{signature['structure']}({knobs}) with placement={signature['placement']!r}"
+
+
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Take a half-loaded adapter out again, leaving the base model as it was before loading."""
+    """Take a half-loaded adapter out again, leaving the base model as it was before loading:
+    its modules, which parameters require grad, and no ``peft_config`` attribute left behind."""
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, SurmModel):
         return
-    if list(tuner.peft_config) == [adapter_name]:
-        tuner.unload()
-    else:
+    if list(tuner.peft_config) != [adapter_name]:
         tuner.delete_adapter(adapter_name)
+        return
+    base = tuner.unload()
+    pristine = tuner._pristine
+    for name, param in base.named_parameters():
+        if name in pristine["requires_grad"]:
+            param.requires_grad_(pristine["requires_grad"][name])
+    if not pristine["had_peft_config"] and "peft_config" in vars(base):
+        del base.peft_config
