@@ -56,3 +56,9 @@ def test_kronecker_factors_that_do_not_fit():
         structured.make("kronecker", 8, 6, factors=((2, 2), (3, 3)))
     with pytest.raises(ValueError, match="factors must be"):
         structured.make("kronecker", 8, 6, factors=(2, 3))
+
+
+def test_kronecker_factors_are_never_truncated():
+    with pytest.raises(ValueError, match=r"factors must be \(\(a1, a2\), \(b1, b2\)\).*4\.5"):
+        structured.make("kronecker", 8, 9, factors=((2, 4.5), (4, 2)))
+    assert structured.make("kronecker", 8, 6, factors=((2, 2), (4, 3))).factors == ((2, 2), (4, 3))

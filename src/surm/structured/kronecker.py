@@ -11,6 +11,7 @@ Product without ever building the Kronecker matrix: reshape each row ``x`` (n) r
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -50,6 +51,8 @@ def auto_factors(out_features: int, in_features: int) -> Factors:
 def _check_factors(factors: Any, m: int, n: int) -> Factors:
     try:
         (a1, a2), (b1, b2) = factors
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in (a1, a2, b1, b2)):
+            raise TypeError("factor sizes must be integers")  # 4.5 is no size: never truncate it
         a1, a2, b1, b2 = (int(v) for v in (a1, a2, b1, b2))
     except (TypeError, ValueError):
         raise ValueError(
