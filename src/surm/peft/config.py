@@ -46,40 +46,116 @@ class SurmConfig(PeftConfig):
 
     Placement ``"parallel"`` (LoRA-style) adds ``alpha * S(dropout(x))`` to each target layer's
     output ``W0 x + b0``; ``"serial"`` (adapter-style) maps the target layer's output ``h`` to
-    ``h + act(alpha * S(dropout(h))) + beta`` with a square ``S`` and a bias ``beta``. S is
-    the structured matrix named by ``structure``; its knobs are ``block_size``
-    (circulant, skew_circulant), ``rank`` (ldr, low_rank), ``factors`` and ``terms``
-    (kronecker). ``knob_pattern`` overrides knobs per module, e.g.
-    ``{"intermediate.dense": {"block_size": 128}}`` (keys match module-name suffixes, as
-    LoRA's ``rank_pattern``).
+    ``h + act(alpha * S(dropout(h))) + beta`` with a square ``S`` and a bias ``beta``. S is the
+    structured matrix named by ``structure``, zero at initialisation, so training starts at
+    the pretrained model. A serial ``low_rank`` adapter with a nonlinearity is the
+    Houlsby/Pfeiffer bottleneck adapter (``rank`` = bottleneck width):
+    ``SurmConfig(structure="low_rank", rank=64, placement="serial")``.
 
-    A serial ``low_rank`` adapter with a nonlinearity is the Houlsby/Pfeiffer bottleneck
-    adapter (``rank`` = bottleneck width): ``SurmConfig(structure="low_rank", rank=64,
-    placement="serial")``.
+    Args:
+        structure (`str`): the family of S: ``"circulant"``, ``"skew_circulant"``,
+            ``"toeplitz"``, ``"symmetric_toeplitz"``, ``"kronecker"``, ``"ldr"`` or
+            ``"low_rank"`` (see ``surm.structured.names()``). Default ``"circulant"``.
+        block_size (`int`, *optional*): circulant and skew_circulant only. ``None`` (default):
+            one zero-padded circulant of size max(out, in), max(out, in) parameters; ``b``: a
+            grid of b x b circulant blocks, out*in/b parameters (b must divide both widths).
+        rank (`int`, *optional*): ldr: the displacement rank r (2 r max(out, in) parameters,
+            default 1); low_rank: the rank (r (out + in) parameters, default 8).
+        factors (`((a1, a2), (b1, b2))`, *optional*): kronecker only: S = A (a1 x a2) ⊗
+            B (b1 x b2) with a1 b1 = out and a2 b2 = in. ``None`` chooses them per layer
+            (highest reachable rank first, then fewest parameters).
+        terms (`int`, *optional*): kronecker only: the number K of Kronecker products summed
+            (default 1).
+        placement (`str`): ``"parallel"`` (default, LoRA-style, merges exactly) or
+            ``"serial"`` (adapter-style, after the layer, S square over its output).
+        alpha (`float`): the scale of the structured update (default 1.0). Under Adam it
+            trades off against the learning rate.
+        dropout (`float`): dropout on the input of the structured branch, in [0, 1) (default
+            0). With dropout > 0 in training the layer takes the plain (unfused) path.
+        activation (`str`): serial only: ``"gelu"`` (default), ``"relu"``, ``"silu"``,
+            ``"tanh"`` or ``"identity"`` (each maps 0 to 0). Only ``"identity"`` merges.
+        init (`str`): ``"zero"`` (default: S = 0, bilinear families zero one factor) or
+            ``"random"`` (every parameter drawn, for experiments).
+        fused (`bool`, *optional*): parallel only: ``None`` (default) picks per layer and batch
+            the faster of the fused (``W0 + alpha S``, one matmul) and plain (FFT) paths;
+            ``True``/``False`` forces one. Both compute the same function.
+        knob_pattern (`dict`): per-module knob overrides, e.g.
+            ``{"intermediate.dense": {"block_size": 128}}``; keys are regexes matched against
+            the end of module names, as LoRA's ``rank_pattern``.
+        target_modules (`list[str]` or `str`, *optional*): the layers to adapt: names (matched
+            by suffix), a regex, or ``"all-linear"`` (every Linear/Conv1D but the output
+            head). ``None``: the default targets of the model type (attention query and
+            value for parallel adapters; the attention-output and FFN-output projections, the
+            Houlsby positions, for serial ones). Linear, transformers Conv1D and 1x1 Conv2d
+            layers are supported.
+        exclude_modules (`list[str]` or `str`, *optional*): names or a regex to leave out.
+        modules_to_save (`list[str]`, *optional*): modules trained in full and saved with the
+            adapter, such as a new classification head (``["classifier"]``).
+        layers_to_transform (`int` or `list[int]`, *optional*): only adapt layers with these
+            indices in the layer list (see ``layers_pattern``).
+        layers_pattern (`str` or `list[str]`, *optional*): the name of the layer list
+            (``"layer"``, ``"layers"``, ``"h"``) when ``layers_to_transform`` is set.
+        bias (`str`): which biases train: ``"none"`` (default), ``"all"`` or ``"surm_only"``
+            (the biases of adapted layers).
     """
 
-    structure: str = field(default="circulant", metadata={"help": f"One of {structured.names()}"})
-    block_size: Optional[int] = field(default=None, metadata={"help": "circulant/skew_circulant block size"})
-    rank: Optional[int] = field(default=None, metadata={"help": "ldr displacement rank / low_rank rank"})
-    factors: Optional[Any] = field(default=None, metadata={"help": "kronecker ((a1, a2), (b1, b2))"})
-    terms: Optional[int] = field(default=None, metadata={"help": "kronecker number of terms"})
-    placement: Literal["parallel", "serial"] = field(default="parallel")
-    alpha: float = field(default=1.0, metadata={"help": "scale of the structured update"})
-    dropout: float = field(default=0.0, metadata={"help": "dropout on the structured branch's input"})
-    activation: str = field(default="gelu", metadata={"help": f"serial only: one of {ACTIVATIONS}"})
-    init: Literal["zero", "random"] = field(default="zero")
+    structure: str = field(
+        default="circulant", metadata={"help": f"The structured family of the update, one of {structured.names()}."}
+    )
+    block_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "circulant/skew_circulant: None for one zero-padded max(out, in) circulant, or b for a "
+                  "grid of b x b blocks (b divides both widths; out*in/b parameters)."},
+    )
+    rank: Optional[int] = field(
+        default=None, metadata={"help": "ldr: displacement rank (default 1); low_rank: rank (default 8)."}
+    )
+    factors: Optional[Any] = field(
+        default=None,
+        metadata={"help": "kronecker: ((a1, a2), (b1, b2)) with a1*b1 = out and a2*b2 = in; None chooses them."},
+    )
+    terms: Optional[int] = field(default=None, metadata={"help": "kronecker: number of Kronecker terms (default 1)."})
+    placement: Literal["parallel", "serial"] = field(
+        default="parallel",
+        metadata={"help": "'parallel' (LoRA-style, y = W0 x + b0 + alpha S x) or 'serial' (adapter-style, "
+                  "h + act(alpha S h) + beta after the layer)."},
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Scale of the structured update."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the structured branch's input, in [0, 1)."})
+    activation: str = field(
+        default="gelu", metadata={"help": f"Serial only: one of {ACTIVATIONS}; only 'identity' merges."}
+    )
+    init: Literal["zero", "random"] = field(
+        default="zero", metadata={"help": "'zero' (S = 0: training starts at the pretrained model) or 'random'."}
+    )
     fused: Optional[bool] = field(
         default=None,
-        metadata={"help": "parallel only: None picks per layer and batch the faster of the fused "
-                  "(W0 + alpha*S, one matmul) and plain (FFT) paths; True/False forces one"},
+        metadata={"help": "Parallel only: None picks per layer and batch the faster of the fused "
+                  "(W0 + alpha*S, one matmul) and plain (FFT) paths; True/False forces one."},
     )
-    knob_pattern: dict = field(default_factory=dict, metadata={"help": "per-module knob overrides"})
-    target_modules: Optional[Union[list[str], str]] = field(default=None)
-    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
-    modules_to_save: Optional[list[str]] = field(default=None)
-    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
-    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
-    bias: str = field(default="none", metadata={"help": f"one of {BIAS_MODES}"})
+    knob_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module knob overrides: {module-name regex: {knob: value}}, matched against the "
+                  "end of module names."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Layers to adapt: names (suffix match), a regex, or 'all-linear'; None: the model "
+                  "type's defaults for the placement."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave out."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None, metadata={"help": "Only adapt the layers with these indices."}
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Name of the layer list ('layer', 'layers', 'h') for layers_to_transform."}
+    )
+    bias: str = field(default="none", metadata={"help": f"Which biases train: one of {BIAS_MODES}."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
