@@ -1,6 +1,7 @@
 """SURM as a Hugging Face PEFT method (registered with PEFT on import)."""
 
 from .config import ACTIVATIONS, PLACEMENTS, SURM, SurmConfig
+from .distributed import adapter_tensors, broadcast_adapter_init
 from .layer import SurmLayer
 from .model import SurmModel
 from .registration import is_registered, register
@@ -17,6 +18,8 @@ __all__ = [
     "SurmConfig",
     "SurmLayer",
     "SurmModel",
+    "adapter_tensors",
+    "broadcast_adapter_init",
     "default_targets",
     "is_registered",
     "register",
