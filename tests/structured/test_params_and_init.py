@@ -1,4 +1,4 @@
-"""Parameter counts follow SPEC.md section 3; zero init is an exact zero with a live gradient."""
+"""Parameter counts follow the families' formulas; zero init is an exact zero with a live gradient."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The approximation study (SPEC.md §5.1, paper Fig. 1 left).
+"""The approximation study (the paper's Fig. 1, left).
 
 Approximate target matrices M (m x n) with every structured family at matched parameter
 budgets and report the relative Frobenius error ``||M - P(M)||_F / ||M||_F`` over trials.
