@@ -8,7 +8,6 @@ the caller casts back to the input's dtype.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -21,9 +20,15 @@ def fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
-@functools.lru_cache(maxsize=None)
 def fast_fft_size(n: int) -> int:
     """Smallest integer >= n whose only prime factors are 2, 3 and 5 (fast for every FFT backend)."""
+    if torch.compiler.is_compiling():  # traced once: no cache (dynamo warns about lru_cache)
+        return _fast_fft_size.__wrapped__(n)
+    return _fast_fft_size(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _fast_fft_size(n: int) -> int:
     if n < 1:
         raise ValueError(f"FFT size must be positive, got {n}")
     m = n
@@ -37,10 +42,18 @@ def fast_fft_size(n: int) -> int:
         m += 1
 
 
+def _negacyclic_mask(size: int, device: torch.device | None = None) -> torch.Tensor:
+    k = torch.arange(size + 1, device=device)
+    return (1 - (-1) ** k).to(torch.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def _negacyclic_mask_cpu(size: int) -> torch.Tensor:
-    k = torch.arange(size + 1)
-    return (1 - (-1) ** k).to(torch.float32)
+    # Built outside inference mode: the cache is process-global, and a tensor first made under
+    # torch.inference_mode() would be an inference tensor, which autograd refuses to save for
+    # backward in every later training step at this size.
+    with torch.inference_mode(False):
+        return _negacyclic_mask(size)
 
 
 def negacyclic_mask(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -49,7 +62,10 @@ def negacyclic_mask(size: int, device: torch.device, dtype: torch.dtype) -> torc
     The length-2N rfft of ``[x, -x]`` equals the length-2N rfft of ``[x, 0]`` times this mask,
     which turns a length-2N cyclic convolution into the N-point negacyclic convolution
     (the product with a skew-circulant matrix) without concatenating ``[x, -x]``.
+    Cached per size (on CPU, in float32); under torch.compile built in the graph instead.
     """
+    if torch.compiler.is_compiling():
+        return _negacyclic_mask(size, device).to(dtype)
     return _negacyclic_mask_cpu(size).to(device=device, dtype=dtype)
 
 
@@ -115,17 +131,21 @@ class ZeroPadder:
 def diagonal_sums(M: torch.Tensor) -> torch.Tensor:
     """Sums along the diagonals of ``M (..., m, n)``: out[..., d + n - 1] = sum_{i-j=d} M[..., i, j].
 
-    O(mn), no index tensors: the column-flipped M is written into a zero buffer of row length
-    m+n-1 through a view whose row stride is one longer, which shears each diagonal into a
-    column; a sum over rows finishes.
+    O(mn), no index tensors, no writes into views (so torch.compile can functionalize it).
+    M padded with m zero columns and one zero row, ``P (m+1, n+m)``, is read in memory order as
+    rows one element longer, of n+m+1: entry (i, j), at flat position
+    ``i (n+m) + j = i (n+m+1) + (j - i)``, lands in column ``(j - i) mod (n+m+1)``, lags
+    j - i >= 0 in columns 0..n-1 and lags < 0 wrapped into columns n+2..n+m (the padding fills
+    the rest with zeros). The first m such rows hold every entry of M, and their column sums
+    are the diagonal sums. One padded copy of M (the former zero buffer written through an
+    ``as_strided`` view cannot be compiled).
     """
     *batch, m, n = M.shape
-    width = m + n - 1
-    flat = M.new_zeros(*batch, m * width)
-    lead = math.prod(batch)
-    sheared = flat.reshape(lead, m * width).as_strided((lead, m, n), (m * width, width + 1, 1))
-    sheared.copy_(M.reshape(lead, m, n).flip(-1))
-    return flat.reshape(*batch, m, width).sum(-2)
+    width = n + m + 1
+    P = torch.nn.functional.pad(M, (0, m, 0, 1))  # (..., m+1, n+m)
+    sheared = P.reshape(*batch, (m + 1) * (n + m))[..., : m * width].reshape(*batch, m, width)
+    by_lag = sheared.sum(-2)  # column c: lag j - i = c for c < n, c - width for c > n + 1
+    return torch.cat([by_lag[..., n + 2 :], by_lag[..., :n]], dim=-1).flip(-1)
 
 
 def toeplitz_from_lags(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

@@ -80,11 +80,20 @@ class StructuredMatrix(nn.Module, abc.ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) -> (..., out_features), in x's dtype."""
         self.check_input(x)
+        if x.numel() == 0:  # no tokens: FFT backends reject empty batches
+            return self._product_without_tokens(x)
         return self._product(x)
 
     @abc.abstractmethod
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        """The fast product; x is already checked."""
+        """The fast product; x is already checked and holds at least one token."""
+
+    def _product_without_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The product for an x without tokens (a leading dim 0): ``x @ S^T`` with S from the
+        O(m n) merge build, so that, as with ``nn.Linear``, the (empty) result is part of the
+        graph and backward gives x its empty gradient and the parameters zero gradients."""
+        dtype = fft_dtype(x, *self.param_tensors())
+        return (x.to(dtype) @ self._dense_for_merge(dtype).T).to(x.dtype)
 
     @abc.abstractmethod
     def dense(self) -> torch.Tensor:
@@ -192,6 +201,18 @@ class StructuredMatrix(nn.Module, abc.ABC):
                 f"{(*x.shape[:-1], self.out_features)}"
             )
         return x.reshape(-1, self.in_features), g.reshape(-1, self.out_features)
+
+    def _adjoint_route(self, method: str, x2: torch.Tensor) -> str:
+        """The route of ``param_grads(..., method=...)`` for families with an ``"fft"`` and a
+        ``"matmul"`` adjoint: ``method`` checked, ``"auto"`` resolved by ``adjoint_method``.
+        Without tokens always ``"matmul"``: ``g^T x`` is then exactly 0 (an empty matmul), and
+        the FFT routes would transform an empty batch in chunks of 0 rows."""
+        if method not in ("auto", "fft", "matmul"):
+            raise ValueError(f"{self.name}.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
+        tokens = x2.shape[0]
+        if tokens == 0:
+            return "matmul"
+        return self.adjoint_method(tokens, x2.device) if method == "auto" else method
 
     def _param_options(self) -> dict[str, Any]:
         p = next(self.parameters())

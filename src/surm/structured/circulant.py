@@ -147,15 +147,12 @@ class _FCirculant(LinearStructuredMatrix):
         and the negacyclic mask. ``method="matmul"`` instead forms ``G = g^T x`` and sums its
         (wrapped, signed) diagonals; ``"auto"`` picks the cheaper (:meth:`adjoint_method`)."""
         x2, g2 = self._flatten_tokens(x, g)
-        if method == "auto":
-            method = self.adjoint_method(x2.shape[0], x2.device)
+        method = self._adjoint_route(method, x2)
         dtype = fft_dtype(x2, g2, self.weight)
         if method == "matmul":
             grad = self._grad_from_dense(g2.to(dtype).T @ x2.to(dtype))
-        elif method == "fft":
-            grad = self._grad_fft(x2, g2, dtype)
         else:
-            raise ValueError(f"{self.name}.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
+            grad = self._grad_fft(x2, g2, dtype)
         return (grad.to(self.weight.dtype),)
 
     def _grad_fft(self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

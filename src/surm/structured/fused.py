@@ -121,6 +121,11 @@ def fused_parallel_linear(
     (there the structured branch sees ``dropout(x)``; use :func:`plain_parallel_linear`).
     """
     _check(x, weight, bias, S)
+    return _fused(x, weight, bias, S, scale)
+
+
+def _fused(x, weight, bias, S, scale):
+    """:func:`fused_parallel_linear` without the input checks."""
     return FusedParallelLinear.apply(x, weight, bias, float(scale), S, *S.param_tensors())
 
 
@@ -130,6 +135,11 @@ def plain_parallel_linear(
     """``F.linear(x, weight, bias) + scale * S(x)``: the reference, and the path to take with
     dropout (pass ``dropout(x)`` to S yourself: ``F.linear(x, W, b) + scale * S(drop(x))``)."""
     _check(x, weight, bias, S)
+    return _plain(x, weight, bias, S, scale)
+
+
+def _plain(x, weight, bias, S, scale):
+    """:func:`plain_parallel_linear` without the input checks."""
     return F.linear(x, weight, bias) + scale * S(x)
 
 
@@ -222,10 +232,11 @@ def parallel_linear(
     """``F.linear(x, weight, bias) + scale * S(x)`` by the faster path (``fused=None``: ask
     :func:`prefer_fused`, with ``backward`` = whether autograd will need this graph). Without
     dropout only (see the module docstring)."""
+    _check(x, weight, bias, S)  # first: a 0-dim x has no x.shape[-1]
     if fused is None:
-        tokens = x.numel() // max(x.shape[-1], 1)
+        tokens = x.numel() // x.shape[-1]
         backward = torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad or any(p.requires_grad for p in S.parameters())
         )
         fused = prefer_fused(S, tokens, x.device, backward=backward)
-    return (fused_parallel_linear if fused else plain_parallel_linear)(x, weight, bias, S, scale)
+    return (_fused if fused else _plain)(x, weight, bias, S, scale)

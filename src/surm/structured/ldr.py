@@ -137,15 +137,12 @@ class LDR(StructuredMatrix):
         ``"auto"`` picks by :meth:`adjoint_method`. Returns (dG, dH).
         """
         x2, g2 = self._flatten_tokens(x, g)
-        if method == "auto":
-            method = self.adjoint_method(x2.shape[0], x2.device)
+        method = self._adjoint_route(method, x2)
         dtype = fft_dtype(x2, g2, self.G, self.H)
         if method == "fft":
             dG, dH = self._grads_fft(x2, g2, dtype)
-        elif method == "matmul":
-            dG, dH = self._grads_from_dense(g2.to(dtype).T @ x2.to(dtype))
         else:
-            raise ValueError(f"ldr.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
+            dG, dH = self._grads_from_dense(g2.to(dtype).T @ x2.to(dtype))
         return dG.to(self.G.dtype), dH.to(self.H.dtype)
 
     def _grads_fft(
@@ -187,8 +184,10 @@ class LDR(StructuredMatrix):
         G_conj = torch.fft.rfft(self.G.to(dtype)).conj()  # (r, F)
         P_t = torch.fft.irfft(cols_f * G_conj[:, None], n=N)  # (r, n, N): row b = C(g_i)^T G e_b
         # dH_i[k] = sum_b P_t[i, b, (b + k) mod N] * (1 if b + k < N else -1)
-        buf = torch.cat([P_t, -P_t], dim=-1)  # (r, n, 2N)
-        dH = buf.as_strided((r, n, N), (n * 2 * N, 2 * N + 1, 1)).sum(1)
+        # buf[i, b, b:b+N] is the window of length N at b * (2N + 1) of buf's rows laid end to end:
+        # an unfold view (no as_strided, fine under torch.compile); n <= N, so exactly n windows
+        buf = torch.cat([P_t, -P_t], dim=-1).reshape(r, n * 2 * N)
+        dH = buf.unfold(-1, N, 2 * N + 1).sum(1)  # (r, n, N) summed over b
         return dG, dH
 
     @classmethod

@@ -93,12 +93,11 @@ class Toeplitz(LinearStructuredMatrix):
         sums the diagonals of ``G = g^T x`` instead; ``"auto"`` picks (:meth:`adjoint_method`)."""
         x2, g2 = self._flatten_tokens(x, g)
         m, n = self.out_features, self.in_features
-        if method == "auto":
-            method = self.adjoint_method(x2.shape[0], x2.device)
+        method = self._adjoint_route(method, x2)
         dtype = fft_dtype(x2, g2, self.weight)
         if method == "matmul":
             grad_t = diagonal_sums(g2.to(dtype).T @ x2.to(dtype))
-        elif method == "fft":
+        else:
             size = fast_fft_size(m + n - 1)
             T = x2.shape[0]
             rows = min(T, chunk_rows(size))
@@ -112,8 +111,6 @@ class Toeplitz(LinearStructuredMatrix):
                 acc = part if acc is None else acc + part
             r = torch.fft.irfft(acc, n=size)
             grad_t = torch.cat([r[size - n + 1 :], r[:m]])
-        else:
-            raise ValueError(f"{self.name}.param_grads: method must be 'auto', 'fft' or 'matmul', got {method!r}")
         return (self._fold(grad_t).to(self.weight.dtype),)
 
     @classmethod
