@@ -1,11 +1,17 @@
-"""Smoke run of the benchmarks: they run and report sane records (no timing is asserted)."""
+"""Smoke runs of ``surm bench``: every part runs at tiny sizes and writes sane JSON (no timing
+is asserted), bad input is refused before any model loads, and the output has no
+transformers load report."""
 
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 
-from surm.bench.report import run
-from surm.bench.timing import interleaved_medians, saved_tensor_bytes
+from surm.bench.memory import saved_tensor_bytes
+from surm.bench.timing import interleaved_medians, interleaved_samples
+from surm.commands.main import main
 
 
 def test_interleaved_medians_runs_every_function_in_each_round():
@@ -15,6 +21,15 @@ def test_interleaved_medians_runs_every_function_in_each_round():
     assert calls.count("a") == calls.count("b") == 4
 
 
+@pytest.mark.parametrize("rotate, order", [(True, "abc" "bca" "cab"), (False, "abc" * 3)])
+def test_interleaved_samples_times_each_round_by_every_clock(rotate, order):
+    calls = []
+    samples = interleaved_samples({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=3, warmup=0,
+                                  clocks=("wall", "cpu"), rotate=rotate)
+    assert "".join(calls) == order
+    assert all(len(s["wall"]) == len(s["cpu"]) == 3 for s in samples.values())
+
+
 def test_saved_tensor_bytes_counts_activations_not_parameters():
     w = torch.randn(8, 8, requires_grad=True)
     x = torch.randn(4, 8, requires_grad=True)
@@ -22,30 +37,105 @@ def test_saved_tensor_bytes_counts_activations_not_parameters():
     without = saved_tensor_bytes(lambda: (x @ w).sum(), exclude=[w])
     assert with_params == without + w.numel() * 4
     assert without == x.numel() * 4
+    assert saved_tensor_bytes(lambda: x @ w, exclude=[w], grad=torch.ones(4, 8)) == without
+    assert w.grad is not None  # the backward pass ran
 
 
-def test_bench_smoke(tmp_path, capsys):
-    results = run(["layers", "steps", "inference"], methods=["circulant"], repeats=1, out=tmp_path, quick=True)
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["method"] for r in saved["layers"]} == {"head", "lora_r8", "circulant"}
-    assert {r["method"] for r in saved["steps"]} == {"head", "lora_r8", "circulant"}
-    assert {r["method"] for r in saved["inference"]} == {"base", "lora_r8", "circulant"}
-    circ = next(r for r in results["steps"] if r["method"] == "circulant")
-    assert circ["trainable"] == 12 * 384 and circ["training_memory_bytes"] > 0
-    assert "x LoRA r=8" in capsys.readouterr().out
+def _methods(path, part):
+    return {r["method"] for r in json.loads(path.read_text())[part]}
 
 
-def test_surm_bench_command(tmp_path):
-    from surm.cli import main
+def test_bench_peft_parts_write_json_without_load_reports(tmp_path, capfd):
+    argv = ["bench", "--quick", "--methods", "surm:circulant", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    saved = tmp_path / "bench.json"
+    assert _methods(saved, "layers") == _methods(saved, "steps") == {"head", "lora:8", "surm:circulant"}
+    assert _methods(saved, "inference") == {"base", "lora:8", "surm:circulant"}
+    circulant = next(r for r in json.loads(saved.read_text())["steps"] if r["method"] == "surm:circulant")
+    assert circulant["trainable"] == 12 * 384 and circulant["training_memory_bytes"] > 0
+    out, err = capfd.readouterr()
+    assert "x LoRA r=8" in out
+    for noise in ("LOAD REPORT", "Loading weights", "MISSING"):
+        assert noise not in out + err
 
-    assert main(["bench", "layers", "--quick", "--methods", "toeplitz", "--repeats", "1", "--out", str(tmp_path)]) == 0
-    saved = json.loads((tmp_path / "bench.json").read_text())
-    assert {r["method"] for r in saved["layers"]} == {"head", "lora_r8", "toeplitz"}
-    assert "steps" not in saved
+
+def test_bench_layers_skips_a_method_that_does_not_fit_a_shape(tmp_path, capsys):
+    argv = ["bench", "layers", "--quick", "--methods", "surm:toeplitz", "c3a:256", "--repeats", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert _methods(tmp_path / "bench.json", "layers") == {"head", "lora:8", "surm:toeplitz"}
+    assert "steps" not in json.loads((tmp_path / "bench.json").read_text())
+    assert "skip c3a:256 at minilm q/v (384 -> 384)" in capsys.readouterr().out
 
 
-def test_surm_bench_rejects_unknown_parts(capsys):
-    from surm.cli import main
+def test_bench_ops_writes_json(tmp_path):
+    assert main(["bench", "ops", "--quick", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "ops.json").read_text())
+    assert saved["config"]["tokens"] == 32 and saved["machine"]["threads"] >= 1
+    rows = {r["method"]: r for r in saved["results"]}
+    assert {"dense", "circulant", "ldr:rank=2", "low_rank:rank=8"} <= set(rows)
+    assert rows["dense"]["fwd_ratio"] == rows["dense"]["fwd_bwd_ratio"] == 1.0
+    assert rows["circulant"]["params"] == 64 and rows["dense"]["params"] == 64 * 64
 
-    assert main(["bench", "layer"]) == 2
-    assert "unknown part(s) ['layer']; choose from layers, steps, inference" in capsys.readouterr().out
+
+def test_bench_ops_cost_model_writes_json(tmp_path):
+    assert main(["bench", "ops", "--cost-model", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    saved = json.loads((tmp_path / "ops_costs.json").read_text())["results"]
+    assert [p["op"] for p in saved["points"]] == ["fft 64", "fft 128", "matmul 64x64"]
+    assert saved["FFT_NS_PER_UNIT"] > 0 and saved["MATMUL_NS_PER_MAC"] > 0
+
+
+def test_bench_ops_profile_prints_the_top_ops(capsys):
+    assert main(["bench", "ops", "--profile", "circulant", "--quick"]) == 0
+    assert "Self CPU" in capsys.readouterr().out
+
+
+def test_bench_fused_writes_json(tmp_path):
+    assert main(["bench", "fused", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    (config,) = json.loads((tmp_path / "fused.json").read_text())["results"]
+    assert (config["in"], config["out"], config["tokens"]) == (64, 64, 32)
+    assert {"floor", "lora8", "circulant/plain", "circulant/fused", "ldr_r2/fused"} <= set(config["methods"])
+    assert config["methods"]["lora8"]["x_lora8"] == 1.0
+    assert config["methods"]["circulant/fused"]["saved_bytes"] > 0
+
+
+def test_bench_fused_policy_writes_json(tmp_path):
+    assert main(["bench", "fused", "--policy", "--quick", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "fused_policy.json").read_text())["results"]
+    assert {r["family"] for r in rows} >= {"circulant", "low_rank"}
+    assert [p["tokens"] for p in rows[0]["points"]] == [4, 32]
+    assert {"train_plain_cpu_ms", "eval_fused_ms", "train_cpu_ratio"} <= set(rows[0]["points"][0])
+
+
+def test_bench_rejects_an_unknown_method_before_loading_a_model(monkeypatch, capsys):
+    import surm.models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(surm.models, "load_text_classifier", no_model)
+    assert main(["bench", "steps", "--methods", "surm:circulant", "lora_r8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("surm bench: error: unknown method 'lora_r8'") and "lora:R" in err and "c3a:B" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["layer"], "unknown part(s) layer; choose from layers, steps, inference, ops, fused"),
+    (["--policy"], "--policy applies to fused"),
+    (["layers", "--tokens", "64"], "--tokens applies to ops"),
+    (["ops", "--profile", "ldr"], "--profile 'ldr': not an ops method; choose from dense, circulant,"),
+    (["ops", "--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bench_rejects_bad_options(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_parser_imports_nothing_heavy():
+    code = (
+        "import argparse, sys; from surm.commands import bench; "
+        "p = argparse.ArgumentParser(); bench.add_parser(p.add_subparsers()); "
+        "print(sorted({'torch', 'peft', 'transformers'} & set(sys.modules)))"
+    )
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"

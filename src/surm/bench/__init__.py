@@ -1,5 +1,40 @@
-"""Speed and memory benchmarks (run by hand or by ``surm bench``; never as timed tests).
+"""Speed and memory benchmarks, run by ``surm bench PART...`` (never as timed tests).
 
-All timings are medians of interleaved rounds measured in one process, reported as ratios
-to a reference measured in the same run (the frozen base, and PEFT LoRA r=8).
+One module per benchmark:
+
+- :mod:`~surm.bench.layers` (``layers``): one linear layer, forward + backward, with each
+  fine-tuning method's update;
+- :mod:`~surm.bench.training_step` (``steps``, ``inference``): MiniLM training steps, and
+  inference after ``merge_and_unload``;
+- :mod:`~surm.bench.ops` (``ops``): each structured product against a dense matmul;
+- :mod:`~surm.bench.fused` (``fused``): the fused parallel layer against the plain one, and
+  (``--policy``) the token count where fused starts to win.
+
+:mod:`~surm.bench.peft_comparison` runs the first three together; :mod:`~surm.bench.timing`
+(interleaved rounds), :mod:`~surm.bench.memory` (saved-for-backward bytes, allocation peaks)
+and :mod:`~surm.bench.report` (machine record, tables, JSON) serve them all. Every timing is a
+median of interleaved rounds measured in one process, read as a ratio to a reference measured
+in the same rounds. This module imports nothing, so the command line can read the names below.
 """
+
+#: The benchmarks, in the order ``surm bench`` runs them.
+PARTS = ("layers", "steps", "inference", "ops", "fused")
+#: The parts ``surm bench`` runs when none is named: SURM against PEFT LoRA and C3A.
+PEFT_PARTS = ("layers", "steps", "inference")
+#: The methods of the PEFT comparison (method strings of :func:`surm.methods.parse`): the
+#: floor, the references, then every SURM family with its default knobs.
+DEFAULT_METHODS = (
+    "head",
+    "lora:8",
+    "c3a:64",
+    "c3a:384",
+    "surm:circulant",
+    "surm:skew_circulant",
+    "surm:toeplitz",
+    "surm:symmetric_toeplitz",
+    "surm:kronecker",
+    "surm:ldr:rank=1",
+    "surm:ldr:rank=2",
+)
+#: Always measured: ratios are taken to them (``head`` is the floor, ``lora:8`` the reference).
+REFERENCE_METHODS = ("head", "lora:8")

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import peft
 import torch
 from torch import nn
 
-from .methods import BENCH_METHODS, peft_config
-from .timing import interleaved_medians, saved_tensor_bytes
+from surm import methods as surm_methods
+from surm.methods import Method
+
+from .memory import saved_tensor_bytes
+from .timing import interleaved_medians
 
 #: (label, tokens, in_features, out_features)
 DEFAULT_SHAPES = [
@@ -21,34 +24,38 @@ DEFAULT_SHAPES = [
     ("bert-base ffn up", 32 * 64, 768, 3072),
 ]
 
-
-def _layer(name: str, base: nn.Linear) -> nn.Module:
-    config = peft_config(name, ["0"])
-    model = nn.Sequential(copy.deepcopy(base))
-    if config is None:
-        return model.requires_grad_(False)
-    return peft.get_peft_model(model, config).base_model.model
+#: Every method on the one layer of ``nn.Sequential(base)``, named "0"; no head to save.
+LAYER = surm_methods.Profile(head=None, parallel=["0"], serial=["0"], ffn_out=["0"], lora=["0"])
 
 
-def _fits(name: str, d_in: int, d_out: int) -> bool:
-    kind, kwargs = BENCH_METHODS[name]
-    return kind != "c3a" or (d_in % kwargs["block_size"] == 0 and d_out % kwargs["block_size"] == 0)
+def _layer(method: Method, base: nn.Linear) -> nn.Module:
+    """``base`` (copied) with ``method`` applied: the module that runs (a PEFT model's inner one)."""
+    model = surm_methods.apply(nn.Sequential(copy.deepcopy(base)), method, LAYER)
+    return model.base_model.model if isinstance(model, peft.PeftModel) else model
 
 
-def bench_layers(methods: list[str], shapes=DEFAULT_SHAPES, repeats: int = 15, dtype=torch.float32) -> list[dict[str, Any]]:
+def bench_layers(
+    methods: Sequence[Method], shapes=DEFAULT_SHAPES, repeats: int = 15, dtype=torch.float32, clock: str = "wall"
+) -> list[dict[str, Any]]:
     """One record per (shape, method): median seconds of forward+backward (input gradient
-    and adapter gradients), ratios to the frozen base and to LoRA r=8, saved-tensor bytes."""
+    and the trainable parameters' gradients), ratios to ``head`` (the frozen base) and to
+    ``lora:8``, saved-tensor bytes. A method that does not fit a shape (a C3A block size that
+    does not divide it) is skipped there, with a note."""
     records = []
     for label, tokens, d_in, d_out in shapes:
         torch.manual_seed(0)
         base = nn.Linear(d_in, d_out).to(dtype)
         x = torch.randn(tokens, d_in, dtype=dtype, requires_grad=True)
         g = torch.randn(tokens, d_out, dtype=dtype)
-        names = [m for m in methods if _fits(m, d_in, d_out)]
-        layers = {m: _layer(m, base) for m in names}
+        layers: dict[str, nn.Module] = {}
+        for method in methods:
+            try:
+                layers[method.name] = _layer(method, base)
+            except ValueError as exc:
+                print(f"skip {method.name} at {label} ({d_in} -> {d_out}): {exc}")
         for layer in layers.values():  # random adapter weights: real products, not zeros
             with torch.no_grad():
-                for n, p in layer.named_parameters():
+                for p in layer.parameters():
                     if p.requires_grad:
                         p.normal_(0, 0.02)
 
@@ -62,17 +69,17 @@ def bench_layers(methods: list[str], shapes=DEFAULT_SHAPES, repeats: int = 15, d
 
             return run
 
-        times = interleaved_medians({m: step(layers[m]) for m in names}, repeats=repeats)
-        for m in names:
-            params = [p for p in layers[m].parameters()]
-            saved = saved_tensor_bytes(lambda: (layers[m](x) * g).sum(), exclude=params)
+        times = interleaved_medians({m: step(layer) for m, layer in layers.items()}, repeats=repeats, clock=clock)
+        for m, layer in layers.items():
+            params = list(layer.parameters())
+            saved = saved_tensor_bytes(lambda: (layer(x) * g).sum(), exclude=params)
             records.append({
                 "shape": label, "tokens": tokens, "in": d_in, "out": d_out, "method": m,
                 "median_s": times[m],
                 "median_s_ms": 1e3 * times[m],
                 "vs_base": times[m] / times.get("head", float("nan")),
-                "vs_lora": times[m] / times.get("lora_r8", float("nan")),
-                "trainable": sum(p.numel() for p in layers[m].parameters() if p.requires_grad),
+                "vs_lora": times[m] / times.get("lora:8", float("nan")),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
                 "saved_bytes": saved,
                 "saved_mb": saved / 2**20,
             })

@@ -1,55 +1,62 @@
-"""Interleaved median timing and saved-for-backward memory accounting."""
+"""Interleaved timing: every function once per round, medians over rounds, and torch threads."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Callable, Iterable
+from typing import Callable, Iterator
 
 import torch
 
-
-#: clocks: "wall" (time.perf_counter, the latency a user sees) or "cpu" (time.process_time:
-#: CPU seconds of this process over all its threads; robust to other processes preempting
-#: this one on a shared machine, and equal to latency when torch runs one thread)
+#: "wall": time.perf_counter, the latency a user sees; "cpu": time.process_time, CPU seconds
+#: of this process over all its threads, robust to other processes preempting this one on a
+#: shared machine, and equal to latency when torch runs one thread.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = "wall"
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each function (by the module's ``clock``), measured in rounds
-    that run every function once (in a rotating order), so that slow drifts of a shared
-    machine hit all alike."""
-    now = CLOCKS[clock]
+def interleaved_samples(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 2,
+    clocks: tuple[str, ...] = ("wall",),
+    rotate: bool = True,
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each call, ``{name: {clock: [one per round]}}``, measured in ``repeats``
+    rounds that run every function once, so that slow drifts of a shared machine hit all
+    alike; ``rotate`` starts each round one function later. ``warmup`` untimed rounds first."""
     names = list(fns)
+    now = [CLOCKS[c] for c in clocks]
     for _ in range(warmup):
         for name in names:
             fns[name]()
-    samples: dict[str, list[float]] = {name: [] for name in names}
+    samples = {name: {c: [] for c in clocks} for name in names}
     for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = now()
+        shift = r % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            start = [clock() for clock in now]
             fns[name]()
-            samples[name].append(now() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+            for c, clock, t0 in zip(clocks, now, start):
+                samples[name][c].append(clock() - t0)
+    return samples
 
 
-def saved_tensor_bytes(step: Callable[[], torch.Tensor], exclude: Iterable[torch.Tensor] = ()) -> int:
-    """Bytes of the distinct tensors autograd saves for backward while ``step()`` builds its
-    graph (``step`` returns the loss; it is then backpropagated so buffers are freed).
-    Tensors sharing storage with ``exclude`` (the model's parameters, in memory anyway) are
-    not counted. Deterministic: the activation memory a method adds, free of allocator noise."""
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-    seen: dict[int, int] = {}
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int = 15, warmup: int = 2, clock: str = "wall"
+) -> dict[str, float]:
+    """Median seconds per call of each function by ``clock``, in rotating interleaved rounds
+    (:func:`interleaved_samples`)."""
+    samples = interleaved_samples(fns, repeats, warmup, clocks=(clock,))
+    return {name: statistics.median(s[clock]) for name, s in samples.items()}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in skip:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (None: leave torch's setting)."""
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

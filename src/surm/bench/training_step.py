@@ -2,43 +2,66 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any
+import dataclasses
+from typing import Any, Iterator, Sequence
 
 import peft
 import torch
 
-from .methods import peft_config
-from .timing import interleaved_medians, saved_tensor_bytes
+from surm import methods as surm_methods
+from surm.methods import Method
 
-TARGETS = ["query", "value"]
+from .memory import saved_tensor_bytes
+from .timing import interleaved_medians
+
+#: Adapters on the query and value projections (LoRA's positions; SURM's defaults for BERT),
+#: the classifier trains beside them.
+TRAINING = surm_methods.TEXT
+#: The same positions without a head to save: merged, the model is the base architecture.
+INFERENCE = dataclasses.replace(surm_methods.TEXT, head=None)
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' logging (its load report) and progress bars inside the block."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        if hub_bars_off:
+            disable_progress_bars()
 
 
 def _minilm(num_labels: int = 2):
     from surm.models import load_text_classifier
 
-    model, _ = load_text_classifier(num_labels)
+    with quiet_transformers():
+        model, _ = load_text_classifier(num_labels)
     return model
 
 
-def _trainable_model(name: str, base: torch.nn.Module) -> torch.nn.Module:
-    config = peft_config(name, TARGETS, modules_to_save=["classifier"])
-    model = copy.deepcopy(base)
-    if config is None:  # head only: the floor every method pays
-        model.requires_grad_(False)
-        model.classifier.requires_grad_(True)
-        return model
-    return peft.get_peft_model(model, config)
-
-
-def bench_training_steps(methods: list[str], seq_lens=(64, 128), batch: int = 32, repeats: int = 10) -> list[dict[str, Any]]:
+def bench_training_steps(
+    methods: Sequence[Method], seq_lens=(64, 128), batch: int = 32, repeats: int = 10, clock: str = "wall"
+) -> list[dict[str, Any]]:
     """Median seconds of one AdamW training step (forward, loss, backward, step) per method
-    and sequence length, with ratios to the head-only floor and to PEFT LoRA r=8."""
+    and sequence length, with ratios to the ``head`` floor and to ``lora:8``."""
     torch.manual_seed(0)
     base = _minilm()
     base.train()
-    models = {m: _trainable_model(m, base).train() for m in methods}
-    optimizers = {m: torch.optim.AdamW([p for p in models[m].parameters() if p.requires_grad], lr=1e-4) for m in methods}
+    models = {m.name: surm_methods.apply(copy.deepcopy(base), m, TRAINING).train() for m in methods}
+    optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for m, model in models.items()}
     records = []
     for seq_len in seq_lens:
         g = torch.Generator().manual_seed(seq_len)
@@ -57,9 +80,8 @@ def bench_training_steps(methods: list[str], seq_lens=(64, 128), batch: int = 32
 
             return run
 
-        times = interleaved_medians({m: step(m) for m in methods}, repeats=repeats, warmup=1)
-        for m in methods:
-            model = models[m]
+        times = interleaved_medians({m: step(m) for m in models}, repeats=repeats, warmup=1, clock=clock)
+        for m, model in models.items():
             trainable = [p for p in model.parameters() if p.requires_grad]
             saved = saved_tensor_bytes(lambda: loss_of(model), exclude=list(model.parameters()))
             optimizers[m].zero_grad(set_to_none=True)
@@ -67,8 +89,8 @@ def bench_training_steps(methods: list[str], seq_lens=(64, 128), batch: int = 32
             records.append({
                 "seq_len": seq_len, "batch": batch, "method": m, "median_s": times[m], "median_s_ms": 1e3 * times[m],
                 "vs_floor": times[m] / times["head"] if "head" in times else float("nan"),
-                "vs_lora": times[m] / times["lora_r8"] if "lora_r8" in times else float("nan"),
-                "trainable": sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n),
+                "vs_lora": times[m] / times["lora:8"] if "lora:8" in times else float("nan"),
+                "trainable": surm_methods.count_trainable(model, exclude_head=TRAINING.head),
                 "activation_bytes": saved,
                 "training_memory_bytes": saved + state_bytes,
                 "training_memory_mb": (saved + state_bytes) / 2**20,
@@ -76,22 +98,29 @@ def bench_training_steps(methods: list[str], seq_lens=(64, 128), batch: int = 32
     return records
 
 
-def bench_merged_inference(methods: list[str], seq_len: int = 64, batch: int = 32, repeats: int = 10) -> list[dict[str, Any]]:
-    """Median eval forward time of each method after merge_and_unload, against the base model."""
+def bench_merged_inference(
+    methods: Sequence[Method], seq_len: int = 64, batch: int = 32, repeats: int = 10, clock: str = "wall"
+) -> list[dict[str, Any]]:
+    """Median eval forward time of each adapter method after ``merge_and_unload``, against the
+    base model. Methods without an adapter (head, full, BitFit) are the base here and left
+    out; an adapter that cannot merge (a serial one with a nonlinear activation) is skipped
+    with a note."""
     torch.manual_seed(0)
     base = _minilm().eval()
     ids = torch.randint(1000, 20000, (batch, seq_len), generator=torch.Generator().manual_seed(0))
     models = {"base": base}
     for m in methods:
-        config = peft_config(m, TARGETS)
-        if config is None:
+        model = surm_methods.apply(copy.deepcopy(base), m, INFERENCE)
+        if not isinstance(model, peft.PeftModel):
             continue
-        model = peft.get_peft_model(copy.deepcopy(base), config)
         with torch.no_grad():
-            for n, p in model.named_parameters():
+            for p in model.parameters():
                 if p.requires_grad:
                     p.normal_(0, 0.01)
-        models[m] = model.merge_and_unload().eval()
+        try:
+            models[m.name] = model.merge_and_unload().eval()
+        except ValueError as exc:
+            print(f"skip {m.name} in merged inference: {exc}")
 
     def forward(model):
         def run():
@@ -100,5 +129,7 @@ def bench_merged_inference(methods: list[str], seq_len: int = 64, batch: int = 3
 
         return run
 
-    times = interleaved_medians({m: forward(model) for m, model in models.items()}, repeats=repeats, warmup=1)
-    return [{"method": m, "median_s": t, "median_s_ms": 1e3 * t, "vs_base": t / times["base"]} for m, t in times.items()]
+    times = interleaved_medians({m: forward(model) for m, model in models.items()}, repeats=repeats, warmup=1,
+                                clock=clock)
+    return [{"method": m, "median_s": t, "median_s_ms": 1e3 * t, "vs_base": t / times["base"]}
+            for m, t in times.items()]

@@ -1,54 +1,175 @@
-"""``surm bench``: speed and memory of SURM against PEFT LoRA and C3A, measured in one run."""
+"""``surm bench``: speed and memory, every timing interleaved and measured in one process.
+
+``surm bench [PART ...]``: ``layers``, ``steps``, ``inference`` (SURM against PEFT LoRA and C3A,
+the default), ``ops`` (each structured product against dense), ``fused`` (the fused parallel
+layer against the plain one; ``--policy``: where fused starts to win). The benchmarks are
+:mod:`surm.bench`; this module parses, checks and dispatches.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
-PARTS = ("layers", "steps", "inference")
+from surm.bench import DEFAULT_METHODS, PARTS, PEFT_PARTS, REFERENCE_METHODS
+from surm.commands.errors import UsageError
+from surm.outputs import default_dir
+
+if TYPE_CHECKING:
+    from surm.methods import Method
+
+HELP = "speed and memory: SURM against LoRA and C3A, structured products, the fused layer"
+
+DESCRIPTION = """\
+Interleaved median timings, in one process, read as ratios to references measured in the
+same rounds. Parts:
+  layers     one linear layer, forward + backward, frozen and with each method
+  steps      MiniLM training steps (head only as the floor) and their training memory
+  inference  MiniLM after merge_and_unload, against the base model
+  ops        each structured product, forward and forward + backward, against a dense matmul
+  fused      the fused parallel SURM layer against the plain one and a LoRA branch
+"""
+
+EPILOG = f"""\
+methods (--methods): method strings, as for surm finetune, e.g.
+  lora:8   c3a:64   surm:circulant   surm:circulant:block_size=128   surm:ldr:rank=2
+  surm:toeplitz:serial   houlsby:32   head   full   bitfit
+  {' and '.join(REFERENCE_METHODS)} are always measured: the ratios are taken to them.
+
+examples:
+  surm bench --threads 1 --clock cpu --repeats 7      # docs/benchmarks.md
+  surm bench layers --methods surm:kronecker --quick
+  surm bench ops --threads 1                          # docs/structured_ops.md
+  surm bench ops --profile ldr:rank=2 --shape 384 1536
+  surm bench ops --cost-model --threads 1             # docs/fused_policy.md
+  surm bench fused --policy --threads 1 --repeats 7   # docs/fused_policy.md
+"""
+
+#: options that only some parts read: dest -> (the parts, the flag as written)
+_PART_OPTIONS = {
+    "methods": (PEFT_PARTS, "--methods"),
+    "seq_lens": (("steps",), "--seq-lens"),
+    "tokens": (("ops",), "--tokens"),
+    "shape": (("ops",), "--shape"),
+    "warmup": (("ops",), "--warmup"),
+    "profile": (("ops",), "--profile"),
+    "cost_model": (("ops",), "--cost-model"),
+    "policy": (("fused",), "--policy"),
+}
+#: interleaved rounds when --repeats is not given
+_DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` on an ``argparse`` subparsers object; sets ``func=run``."""
     p = subparsers.add_parser(
-        "bench",
-        help="speed and memory: per layer, MiniLM training steps, merged inference (ratios to LoRA and the floor)",
-        description=(
-            "Interleaved median timings, in one process, of the frozen base, PEFT LoRA r=8, PEFT C3A "
-            "and every SURM family: per-layer forward+backward, end-to-end MiniLM training steps "
-            "(head-only as the floor) with their training memory, and inference after merging."
-        ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "bench", help=HELP, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION,
     )
     p.add_argument("parts", nargs="*", metavar="PART",
-                   help=f"which benchmarks: any of {', '.join(PARTS)} (default: all)")
-    p.add_argument("--methods", nargs="+", default=None, help="method names (default: all; see surm.bench.methods)")
-    p.add_argument("--repeats", type=int, default=10, help="interleaved rounds per measurement")
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[64, 128], help="token counts of the training steps")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: latency; cpu: process CPU time (robust on a shared machine; use with --threads 1)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+                   help=f"any of {', '.join(PARTS)} (default: {' '.join(PEFT_PARTS)})")
+    every = p.add_argument_group("every part")
+    every.add_argument("--repeats", "--rounds", dest="repeats", type=int, default=None,
+                       help="interleaved rounds per measurement (default: 10; ops 20, fused 15)")
+    every.add_argument("--threads", type=int, default=None,
+                       help="torch threads (default: torch's; ops: every core)")
+    every.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                       help="wall: latency; cpu: process CPU time, robust on a shared machine, use with "
+                            "--threads 1 (default: wall; fused records both)")
+    every.add_argument("--output-dir", "--out", dest="output_dir", default=str(default_dir("bench")),
+                       help="folder for bench.json, ops.json, ops_costs.json, fused.json, fused_policy.json "
+                            "(default: %(default)s)")
+    every.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
+    peft = p.add_argument_group(", ".join(PEFT_PARTS))
+    peft.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                      help=f"method strings (default: {' '.join(DEFAULT_METHODS)})")
+    peft.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
+                      help="token counts of the training steps (default: 64 128)")
+    ops = p.add_argument_group("ops")
+    ops.add_argument("--tokens", type=int, default=None, help="rows of x (default: 2048; --cost-model 4096)")
+    ops.add_argument("--shape", type=int, nargs=2, action="append", metavar=("IN", "OUT"),
+                     help="(in, out) shape; repeat for several (default: 384 384, 384 1536, 768 768)")
+    ops.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default: 3)")
+    ops.add_argument("--profile", metavar="METHOD", default=None,
+                     help="print the top ops of one method (dense, circulant, ldr:rank=2, ...) instead")
+    ops.add_argument("--cost-model", action="store_true",
+                     help="measure the FFT and matmul cost units the adjoints choose their route by, instead")
+    fused = p.add_argument_group("fused")
+    fused.add_argument("--policy", action="store_true",
+                       help="measure fused against plain over token counts (the crossover of prefer_fused) instead")
     p.set_defaults(func=run)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-
-    from surm.bench import timing
-    from surm.bench.report import run as run_bench
-
-    timing.clock = args.clock
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    parts = list(args.parts) or list(PARTS)
+def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
+    """The parts to run and the parsed methods (None without a PEFT part); raises UsageError on
+    anything that cannot run, before any model loads."""
+    parts = list(dict.fromkeys(args.parts)) or list(PEFT_PARTS)
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
-        print(f"surm bench: error: unknown part(s) {unknown}; choose from {', '.join(PARTS)}")
-        return 2
-    run_bench(parts, methods=args.methods, repeats=args.repeats, out=Path(args.out),
-              seq_lens=tuple(args.seq_lens), quick=args.quick)
+        raise UsageError(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    for dest, (readers, flag) in _PART_OPTIONS.items():
+        if getattr(args, dest) not in (None, False) and not set(readers) & set(parts):
+            raise UsageError(f"{flag} applies to {' or '.join(readers)}, which this run leaves out; "
+                             f"e.g. surm bench {readers[0]} {flag} ...")
+    numbers = [("--repeats", args.repeats, 1), ("--threads", args.threads, 1), ("--tokens", args.tokens, 1),
+               ("--warmup", args.warmup, 0)]
+    numbers += [("--seq-lens", n, 1) for n in args.seq_lens or ()]
+    numbers += [("--shape", n, 1) for shape in args.shape or () for n in shape]
+    for flag, value, least in numbers:
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if args.profile and args.cost_model:
+        raise UsageError("--profile and --cost-model are two different runs; give one")
+    if args.profile:
+        from surm.bench.ops import LABELS
+
+        if args.profile not in LABELS:
+            raise UsageError(f"--profile {args.profile!r}: not an ops method; choose from {', '.join(LABELS)}")
+    if not set(PEFT_PARTS) & set(parts):
+        return parts, None
+    from surm.bench.peft_comparison import with_references
+
+    try:
+        return parts, with_references(args.methods)
+    except ValueError as err:
+        raise UsageError(err) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the parts the arguments name; prints tables, writes JSON into ``--output-dir``."""
+    import os
+    from pathlib import Path
+
+    from surm.bench.timing import torch_threads
+
+    parts, methods = _check(args)
+    out = Path(args.output_dir)
+    peft_parts = [p for p in PEFT_PARTS if p in parts]
+    if peft_parts:
+        from surm.bench import peft_comparison
+
+        with torch_threads(args.threads):
+            peft_comparison.run(peft_parts, methods, repeats=args.repeats or _DEFAULT_REPEATS["peft"], out=out,
+                                seq_lens=tuple(args.seq_lens or (64, 128)), quick=args.quick, clock=args.clock)
+    if "ops" in parts:
+        from surm.bench import ops
+
+        shapes = [tuple(s) for s in args.shape] if args.shape else None
+        warmup = 3 if args.warmup is None else args.warmup
+        timed = {"repeats": args.repeats or _DEFAULT_REPEATS["ops"], "warmup": warmup, "out": out,
+                 "quick": args.quick, "clock": args.clock}
+        with torch_threads(args.threads or os.cpu_count()):
+            if args.profile:
+                ops.run_profile(args.profile, shapes, args.tokens, quick=args.quick)
+            elif args.cost_model:
+                ops.run_cost_model(shapes, args.tokens, **timed)
+            else:
+                ops.run(shapes, args.tokens, **timed)
+    if "fused" in parts:
+        from surm.bench import fused
+
+        with torch_threads(args.threads):
+            fused.run(crossover=args.policy, rounds=args.repeats or _DEFAULT_REPEATS["fused"], out=out,
+                      quick=args.quick)
     return 0
