@@ -290,3 +290,13 @@ def test_policy_and_dispatch():
     ref = structured.plain_parallel_linear(x, W, b, S64, SCALE)
     for choice in (None, True, False):
         torch.testing.assert_close(structured.parallel_linear(x, W, b, S64, SCALE, fused=choice), ref)
+
+
+@pytest.mark.parametrize("name", ["ldr", "circulant", "toeplitz", "kronecker"])
+def test_fused_parameter_gradients_have_the_parameters_strides(name):
+    S = structured.make(name, 4, 32, init="random")
+    weight = torch.randn(4, 32)
+    x = torch.randn(6, 32)
+    fused.fused_parallel_linear(x, weight, None, S, 0.5).sum().backward()
+    for p in S.parameters():
+        assert p.grad.stride() == p.stride(), (name, p.grad.stride(), p.stride())

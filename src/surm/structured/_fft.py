@@ -80,9 +80,10 @@ def cyclic_conv(coef_f: torch.Tensor, x: torch.Tensor, size: int) -> torch.Tenso
 
 # -- helpers of the adjoints (``param_grads``) and of the fast dense builds ----------------------
 
-# Measured on the 2-core AVX-512 CPU of this project (MKL, float32, 4096 tokens): a batched
-# real FFT costs about 0.2 ns per (size * log2 size) per token, a matmul about 12 ps per
-# multiply-add. Used to pick between the FFT and the matmul route of an adjoint.
+# Cost units by which an adjoint picks its FFT or its matmul route: about 0.2 ns per
+# (size * log2 size) per token for a batched real FFT, 12 ps per matmul multiply-add (only
+# their ratio matters), measured on a CPU: docs/fused_policy.md (``surm bench ops --cost-model``
+# measures both).
 FFT_NS_PER_UNIT = 0.2
 MATMUL_NS_PER_MAC = 0.012
 

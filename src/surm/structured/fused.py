@@ -91,7 +91,9 @@ class FusedParallelLinear(torch.autograd.Function):
         grad_p = [None] * len(params)
         if any(need_p):
             grads = _call_with(S, params, "param_grads", x2, g2)
-            grad_p = [gr.mul_(scale) if need else None for gr, need in zip(grads, need_p)]
+            # out of place: a fresh tensor with the parameter's own strides (a slice of an FFT
+            # buffer has others, which DDP's gradient buckets warn about)
+            grad_p = [gr * scale if need else None for gr, need in zip(grads, need_p)]
         return (grad_x, grad_w, grad_b, None, None, *grad_p)
 
 
@@ -143,8 +145,9 @@ def _plain(x, weight, bias, S, scale):
     return F.linear(x, weight, bias) + scale * S(x)
 
 
-# Fitted to the measured crossovers (see prefer_fused): the fused path is preferred from
-# k * sqrt(m * n) tokens on; training = forward + backward, inference = forward only.
+# Fitted to the crossovers measured by ``surm bench fused --policy`` (docs/fused_policy.md):
+# the fused path is preferred from k * sqrt(m * n) tokens on; training = forward + backward,
+# inference = forward only.
 _TRAIN_TOKENS_PER_SQRT_MN = {
     "circulant": 0.45,
     "skew_circulant": 0.45,
@@ -177,42 +180,12 @@ def prefer_fused(
     Both paths do the same base matmuls. The fused one adds O(m n) work per call (building
     ``W0 + scale * S``; twice when training) and replaces the per-token structured product and
     its autograd backward by the adjoint (:meth:`StructuredMatrix.param_grads`). It wins from
-    some number of tokens on. Rule: fused iff ``tokens >= k * sqrt(m * n)``, k per family:
-
-    ==================  ========  =========
-    family              training  inference
-    ==================  ========  =========
-    circulant, skew     0.45      0.29
-    toeplitz            0.28      0.11
-    symmetric_toeplitz  0.29      0.14
-    kronecker           0.46      0.24
-    ldr                 0.6       0.4
-    low_rank            0.83      0.46
-    ==================  ========  =========
-
-    k is the geometric mean over the four shapes below of (crossover tokens) / sqrt(m n),
-    measured with ``python benchmarks/fused_linear.py --policy --threads 1`` on this
-    project's 2-core AVX-512 CPU (torch 2.13, MKL, float32): process CPU time medians of 7
-    interleaved rounds (the machine was shared, CPU time is robust to preemption), tokens
-    4, 16, 64, 128, 256, 512, 1024, 4096. Crossover = first token count where fused < plain,
-    interpolated; training / inference:
-
-    ==================  =========  ==========  ==========  =========
-    family              384->384   384->1536   1536->384   768->768
-    ==================  =========  ==========  ==========  =========
-    circulant           240 / 200  200 / 110   400 / 256   380 / 220
-    toeplitz            120 / 20   280 / 64    240 / 150   128 / 80
-    symmetric_toeplitz  140 / 40   280 / 100   250 / 150   120 / 100
-    kronecker           400 / 200  220 / 110   250 / 125   350 / 220
-    ldr rank 1          256 / 200  280 / 220   520 / 400   550 / 230
-    ldr rank 2          250 / 200  300 / 256   530 / 400   450 / 230
-    low_rank rank 8     300 / 128  500 / 300   1000 / 500  550 / 400
-    ==================  =========  ==========  ==========  =========
-
-    Far from the crossover the choice matters: at 4-16 tokens fused costs 1.5-10x plain (the
-    O(m n) merge dominates), at 4096 tokens 0.15-0.9x plain (training). Near it both are
-    within about 20%, so the fit's scatter (about 2x across shapes) costs little.
-    On devices other than CPU the same rule is used; it was not measured there.
+    some number of tokens on. Rule: fused iff ``tokens >= k * sqrt(m * n)``, k per family
+    (training when ``backward``, else inference; 0.5 for a family without one), fitted to the
+    crossovers that ``surm bench fused --policy --threads 1 --repeats 7`` measured on a CPU;
+    the measurements and the fit are in docs/fused_policy.md. Near the crossover both paths are
+    within about 20 %; far from it the choice matters (fused costs 1.5-10x plain at 4-16
+    tokens). On devices other than CPU the same rule is used; it was not measured there.
     """
     m, n = S.shape
     table = _TRAIN_TOKENS_PER_SQRT_MN if backward else _EVAL_TOKENS_PER_SQRT_MN
