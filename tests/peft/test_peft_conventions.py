@@ -191,3 +191,21 @@ def test_all_linear_expands_as_peft_does_for_lora(factory, task_type):
     assert not any(name.endswith(("lm_head", "classifier")) for name in wrapped)
     with torch.no_grad():
         torch.testing.assert_close(run(surm_model), run(model))  # zero init: the base model's outputs
+
+
+# -- empty batches through the PEFT layer ----------------------------------------------------------
+@pytest.mark.parametrize("placement", ["parallel", "serial"])
+@pytest.mark.parametrize("structure", ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "low_rank"])
+def test_empty_batch_like_nn_linear_and_lora(structure, placement):
+    base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
+    config = surm.SurmConfig(structure=structure, placement=placement, target_modules=["0", "2"])
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    lora = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(target_modules=["0", "2"]))
+    for x in (torch.randn(0, 10, requires_grad=True), torch.randn(2, 0, 10, requires_grad=True)):
+        y = model(x)
+        assert y.shape == lora(x).shape == base(x).shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        grads = [p.grad for n, p in model.named_parameters() if "surm_" in n]
+        assert grads and all(g is not None and not g.any() for g in grads)
+        model.zero_grad()
