@@ -32,6 +32,17 @@ def test_names():
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
+def test_every_data_set_knows_its_modality_without_loading(name, monkeypatch):
+    monkeypatch.setattr(data, "_pool", None)  # reading the data would fail
+    assert data.modality(name) == EXPECTED[name][0]
+
+
+def test_modality_of_an_unknown_data_set():
+    with pytest.raises(ValueError, match="unknown data set 'imdb'; known: rotten_tomatoes"):
+        data.modality("imdb")
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_documented_sizes_and_labels(name):
     task, labels, sizes, class_counts = EXPECTED[name]
     d = data.load(name)

@@ -27,6 +27,7 @@ from .peft.tiny_models import bert
         ("surm:ldr:rank=2:alpha=0.5", "surm", "ldr", "parallel", None, {"rank": 2, "alpha": 0.5}),
         ("surm:kronecker:factors=((4,6),(6,4))", "surm", "kronecker", "parallel", None, {"factors": ((4, 6), (6, 4))}),
         (" SURM:circulant ", "surm", "circulant", "parallel", None, {}),
+        ("c3a:64", "c3a", None, "parallel", None, {"block_size": 64}),
     ],
 )
 def test_parse(text, kind, structure, placement, rank, knobs):
@@ -48,6 +49,9 @@ def test_parse(text, kind, structure, placement, rank, knobs):
         ("surm:circulant:size=3", "unknown knob"),
         ("full:alpha=2", "takes no knobs"),
         ("lora:8:9", "unexpected"),
+        ("c3a", "positive block size"),
+        ("c3a:0", "positive block size"),
+        ("c3a:64:alpha=2", "takes no knobs"),
     ],
 )
 def test_parse_errors(text, needle):
@@ -60,6 +64,13 @@ def test_labels_are_readable():
     assert methods.parse("surm:toeplitz:serial").label == "SURM toeplitz (serial)"
     assert methods.parse("surm:ldr:rank=2").label == "SURM ldr rank=2"
     assert methods.parse("head").label == "head only"
+    assert methods.parse("c3a:64").label == "C3A block_size=64" and methods.parse("c3a:64").name == "c3a:64"
+
+
+def test_parse_takes_a_method_as_it_is():
+    method = methods.parse("surm:circulant")
+    assert methods.parse(method) is method and str(method) == "surm:circulant"
+    assert method.family == "circulant" and methods.parse("lora:8").family == "lora"
 
 
 def test_default_lr_lookup_chain(monkeypatch):
@@ -73,6 +84,12 @@ def test_default_lr_lookup_chain(monkeypatch):
     assert methods.default_lr("head", profile) == methods.DEFAULT_LR["head"]
     for kind in ("full", "head", "bitfit", "lora:1", "houlsby:2", "pfeiffer:2", "surm:ldr", "surm:circulant:serial"):
         assert methods.default_lr(kind) > 0
+    with pytest.raises(ValueError, match="no default learning rate for c3a:64 .* give one"):
+        methods.default_lr("c3a:64")
+
+
+def test_profiles_by_modality():
+    assert methods.PROFILES == {"text": methods.TEXT, "image": methods.IMAGE}
 
 
 def _trainable(model):
@@ -115,6 +132,24 @@ def test_adapter_methods_count_and_train_the_head(method, expected_adapter_param
     assert run(wrapped).shape == (2, 3)
 
 
+def test_c3a_goes_where_lora_goes():
+    model, _, run = bert(torch.float32)
+    config = methods.peft_config("c3a:8")
+    assert isinstance(config, peft.C3AConfig) and config.block_size == 8
+    assert config.target_modules == {"query", "value"} and config.modules_to_save == ["classifier"]
+    wrapped = methods.apply(model, "c3a:8")
+    # 2 layers x (query, value) x (24 / 8)^2 blocks of 8
+    assert methods.count_trainable(wrapped, exclude_head="classifier") == 2 * 2 * 9 * 8
+    assert run(wrapped).shape == (2, 3)
+
+
+def test_peft_config_without_a_head_saves_no_module():
+    profile = methods.Profile(head=None, parallel=["hidden"], lora=["hidden"])
+    assert methods.peft_config("lora:2", profile).modules_to_save is None
+    assert methods.peft_config("surm:circulant", profile).modules_to_save is None
+    assert methods.peft_config("head", profile) is None
+
+
 def test_surm_knobs_reach_the_layers():
     model, _, _ = bert(torch.float32)
     wrapped = methods.apply(model, "surm:circulant:block_size=8:alpha=0.5")
@@ -155,3 +190,11 @@ def test_plain_pointwise_convs_keeps_outputs_and_lets_lora_in():
         model = methods.apply(methods.plain_pointwise_convs(_Net()), method, methods.IMAGE)
         assert methods.count_trainable(model, exclude_head="_fc") > 0
         assert model(x).shape == (2, 3)
+
+
+def test_apply_takes_a_peft_config_as_it_is():
+    model, _, run = bert(torch.float32)
+    config = peft.LoraConfig(r=2, target_modules=["query"], modules_to_save=["classifier"])
+    wrapped = methods.apply(model, config)
+    assert isinstance(wrapped, peft.PeftModel) and wrapped.peft_config["default"] is config
+    assert methods.count_trainable(wrapped, exclude_head="classifier") == 2 * 2 * (24 + 24)

@@ -1,17 +1,15 @@
-"""surm.train and ``surm finetune``: batching, metrics, the loop, memory, and a tiny end-to-end run."""
+"""surm.train: batching, metrics, the loop, memory and progress (``surm finetune``: test_finetune_command.py)."""
 
-import argparse
+import io
 import json
 
 import numpy as np
-import peft
 import pytest
 import torch
 from sklearn.metrics import f1_score
 from torch import nn
 
 from surm import train
-from surm.commands import finetune
 from surm.data import DatasetSplits, Split
 from surm.models import packaged_text_model_path
 
@@ -158,6 +156,9 @@ def test_diverging_training_raises():
 
 
 def test_memory_tracker_sees_an_allocation():
+    import gc
+
+    gc.collect()  # garbage of earlier tests freed during the block would hide the growth
     with train.MemoryTracker() as memory:
         block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
         block += 1
@@ -168,69 +169,25 @@ def test_memory_tracker_sees_an_allocation():
     assert memory.growth_mb > 32 and "RSS" in memory.how
 
 
-def _args(tmp_path, **changes):
-    parser = argparse.ArgumentParser()
-    finetune.add_parser(parser.add_subparsers())
-    argv = ["finetune", "--data", "rotten_tomatoes", "--model", "tiny-bert", "--max-train", "24", "--max-eval", "16",
-            "--batch-size", "8", "--out", str(tmp_path / "run"), "--quiet"]
-    for key, value in changes.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return parser.parse_args(argv)
+class _SlowBatcher(_VectorBatcher):
+    """Batches that take a while, as real ones do: a bar that redraws on time would redraw."""
+
+    def batches(self, split, index_batches):
+        import time
+
+        for batch in super().batches(split, index_batches):
+            time.sleep(0.01)
+            yield batch
 
 
-def test_finetune_command_end_to_end_saves_a_reloadable_adapter(tmp_path, capsys):
-    args = _args(tmp_path, method="surm:circulant", lr=0.05, epochs=2)
-    record = args.func(args)
-    out = tmp_path / "run"
-    saved = json.loads((out / "results.json").read_text())
-    assert saved["method"] == "surm:circulant" and saved["lr"] == 0.05
-    assert saved["sizes"]["train"] == 24 and saved["sizes"]["test"] == 16
-    assert saved["train"]["steps"] == 6 and saved["adapter_params"] == 2 * 2 * 32
-    assert {"validation", "test", "train_seconds", "peak_memory_mb", "trainable_params"} <= set(saved)
-    assert "test       accuracy" in capsys.readouterr().out
-
-    # the saved adapter reproduces the trained model's test predictions
-    from surm.experiments.common import load_splits, make_model
-
-    spec = finetune.spec_from_args(args)
-    splits = load_splits(spec)
-    base, batcher, _ = make_model(spec, splits.num_labels)
-    reloaded = peft.PeftModel.from_pretrained(base, str(out / "adapter"))
-    assert train.evaluate(reloaded, batcher, splits.test)["accuracy"] == pytest.approx(record["test"]["accuracy"])
-
-
-def test_finetune_command_bitfit_trains_its_head_at_head_onlys_rate(tmp_path, capsys):
-    from surm import methods as surm_methods
-
-    record = finetune.run(_args(tmp_path, method="bitfit"))
-    assert record["head_lr"] == surm_methods.default_lr("head") != record["lr"]
-    assert f"lr {record['lr']:g} (head {record['head_lr']:g})" in capsys.readouterr().out
-    record = finetune.run(_args(tmp_path, method="lora:2", head_lr=0.02))
-    assert record["head_lr"] == 0.02 and record["lr"] == surm_methods.default_lr("lora:2")
-
-
-@pytest.mark.parametrize("method", ["head", "lora:2"])
-def test_finetune_command_other_methods(tmp_path, method):
-    record = finetune.run(_args(tmp_path, method=method))
-    assert (tmp_path / "run" / "results.json").is_file()
-    assert (tmp_path / "run" / ("trainable.safetensors" if method == "head" else "adapter")).exists()
-    assert record["adapter_params"] == (0 if method == "head" else 2 * 2 * 2 * (32 + 32))
-
-
-def test_finetune_command_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit, match="unknown data set"):
-        finetune.run(_args(tmp_path, data="imdb"))
-    with pytest.raises(SystemExit, match="must start with one of"):
-        finetune.run(_args(tmp_path, method="prefix:8"))
-
-
-@pytest.mark.integration
-def test_finetune_command_on_the_packaged_minilm(tmp_path):
-    parser = argparse.ArgumentParser()
-    finetune.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["finetune", "--data", "rotten_tomatoes", "--method", "surm:toeplitz", "--max-train", "32",
-                              "--max-eval", "32", "--out", str(tmp_path), "--quiet"])
-    record = args.func(args)
-    assert record["adapter_params"] == 12 * (384 + 384 - 1)  # 6 layers x (query, value)
-    assert record["train"]["steps"] == 2 and 0 <= record["test"]["accuracy"] <= 1
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+def test_progress_off_a_terminal_is_about_one_line_per_run(monkeypatch):
+    splits = DatasetSplits("blobs", "vector", ["a", "b", "c"], _blobs(320, 0), _blobs(8, 1), _blobs(8, 2))
+    stderr = io.StringIO()  # not a terminal, like a log file or a pipe
+    monkeypatch.setattr("sys.stderr", stderr)
+    config = train.TrainConfig(lr=1e-2, epochs=2, batch_size=8, progress=True)
+    result = train.finetune(nn.Linear(4, 3), _SlowBatcher(), splits, config)
+    assert result["train"]["steps"] == 80
+    written = stderr.getvalue()
+    draws = [d for d in written.replace("\r", "\n").splitlines() if d.strip()]
+    assert 1 <= len(draws) <= 3, draws  # the opening state and the final one, not one per step
+    assert "80/80" in draws[-1] and "loss=" in draws[-1] and written.endswith("\n")  # the final state stays

@@ -1,12 +1,29 @@
 """surm: structured unrestricted-rank matrices for parameter-efficient fine-tuning.
 
 ``import surm`` registers SURM with Hugging Face PEFT, so that ``peft.get_peft_model(model,
-surm.SurmConfig(...))`` and ``peft.PeftModel.from_pretrained`` work.
+surm.SurmConfig(...))`` and ``peft.PeftModel.from_pretrained`` work. It does so without
+importing PEFT or torch itself: the registration happens when PEFT is imported (at once, if it
+already is), and ``surm.SurmConfig``, ``surm.SurmModel`` and ``surm.structured`` are imported
+on first use. So ``import surm`` (and ``surm --help``) stays instant.
 """
 
-__version__ = "0.1.0"
-
-from . import structured  # noqa: E402
-from .peft import SurmConfig, SurmModel  # noqa: E402
+from ._on_peft_import import register_when_peft_is_imported
+from ._version import __version__
 
 __all__ = ["SurmConfig", "SurmModel", "__version__", "structured"]
+
+register_when_peft_is_imported()
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in ("SurmConfig", "SurmModel"):
+        return getattr(importlib.import_module("surm.peft"), name)
+    if name in ("peft", "structured"):
+        return importlib.import_module(f"surm.{name}")
+    raise AttributeError(f"module 'surm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, "peft"})

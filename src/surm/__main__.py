@@ -2,7 +2,7 @@
 
 import sys
 
-from surm.cli import main
+from surm.commands.main import main
 
 if __name__ == "__main__":
     sys.exit(main())

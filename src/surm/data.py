@@ -15,6 +15,9 @@ name                task   labels  source
 ``digits``          image  10      scikit-learn ``load_digits``: 1,797 digits, 8x8
 ==================  =====  ======  ========================================================
 
+:func:`modality` gives a data set's task (its modality) without reading anything; the harness
+picks the model and where adapters go from it.
+
 Split sizes (train / validation / test with the default ``split_seed=0``; the sizes do not
 depend on ``split_seed``, only the membership does), after deduplication::
 
@@ -63,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DatasetSplits", "MissingPackageError", "Split", "load", "names"]
+__all__ = ["DatasetSplits", "MissingPackageError", "Split", "load", "modality", "names"]
 
 # The pinned versions of requirements/offline-assets.txt (tests hold the two together).
 PINNED_PACKAGES = {
@@ -129,7 +132,14 @@ class DatasetSplits:
 
 def names() -> list[str]:
     """The names :func:`load` accepts."""
-    return list(_READERS)
+    return list(_SOURCES)
+
+
+def modality(name: str) -> str:
+    """``"text"`` or ``"image"``: what the examples of data set ``name`` are (nothing is read)."""
+    if name not in _SOURCES:
+        raise ValueError(f"unknown data set {name!r}; known: {', '.join(names())}")
+    return _SOURCES[name].modality
 
 
 def load(
@@ -156,7 +166,7 @@ def load(
         ValueError: unknown ``name`` or an argument out of range.
         MissingPackageError: the package that ships the data is not installed.
     """
-    if name not in _READERS:
+    if name not in _SOURCES:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(names())}")
     if (
         isinstance(train_fraction, bool)
@@ -185,7 +195,7 @@ def load(
 
     return DatasetSplits(
         name=name,
-        task=pool.task,
+        task=_SOURCES[name].modality,
         label_names=list(pool.label_names),
         train=pool.select(train),
         validation=pool.select(validation),
@@ -247,7 +257,6 @@ def _stratified_subset(positions: np.ndarray, labels: np.ndarray, size: int, rng
 class _Pool:
     """A parsed, deduplicated data set before splitting (cached; arrays are read-only)."""
 
-    task: str
     label_names: tuple[str, ...]
     inputs: tuple[str, ...] | np.ndarray  # texts, or float32 (N, H, W) in [0, 1]
     labels: np.ndarray  # int64 (N,)
@@ -286,12 +295,12 @@ def _text_pool(
     index = {label: k for k, label in enumerate(label_names)}
     labels = np.array([index[classes[i]] for i in keep], dtype=np.int64)
     test_mask = None if official_test is None else np.asarray(official_test, dtype=bool)[keep]
-    return _Pool("text", tuple(label_names), tuple(texts[i] for i in keep), _frozen(labels), _frozen(test_mask))
+    return _Pool(tuple(label_names), tuple(texts[i] for i in keep), _frozen(labels), _frozen(test_mask))
 
 
 def _image_pool(images: np.ndarray, labels: np.ndarray) -> _Pool:
     label_names = tuple(str(k) for k in range(int(labels.max()) + 1))
-    return _Pool("image", label_names, _frozen(images.astype(np.float32)), _frozen(labels.astype(np.int64)))
+    return _Pool(label_names, _frozen(images.astype(np.float32)), _frozen(labels.astype(np.int64)))
 
 
 def _frozen(array: np.ndarray | None) -> np.ndarray | None:
@@ -383,16 +392,24 @@ def _read_digits() -> _Pool:
     return _image_pool(digits.images / 16.0, digits.target)
 
 
-_READERS: dict[str, Callable[[], _Pool]] = {
-    "rotten_tomatoes": _read_rotten_tomatoes,
-    "election_tweets": _read_election_tweets,
-    "r8": functools.partial(_official_split_pool, "reuters-r8"),
-    "newsgroups": functools.partial(_official_split_pool, "20newsgroups"),
-    "mnist": _read_mnist,
-    "digits": _read_digits,
+@dataclass(frozen=True)
+class _Source:
+    """A data set's modality (``"text"`` or ``"image"``) and the function that reads its pool."""
+
+    modality: str
+    read: Callable[[], _Pool]
+
+
+_SOURCES: dict[str, _Source] = {
+    "rotten_tomatoes": _Source("text", _read_rotten_tomatoes),
+    "election_tweets": _Source("text", _read_election_tweets),
+    "r8": _Source("text", functools.partial(_official_split_pool, "reuters-r8")),
+    "newsgroups": _Source("text", functools.partial(_official_split_pool, "20newsgroups")),
+    "mnist": _Source("image", _read_mnist),
+    "digits": _Source("image", _read_digits),
 }
 
 
 @functools.lru_cache(maxsize=None)
 def _pool(name: str) -> _Pool:
-    return _READERS[name]()
+    return _SOURCES[name].read()

@@ -9,18 +9,23 @@ Method strings (``kind[:positional][:key=value]...``)::
     houlsby:R                    bottleneck adapters of width R after the attention output and the
                                  FFN output of every block: SURM serial low_rank + relu
     pfeiffer:R                   the same, after the FFN output only
+    c3a:B                        PEFT C3A (block-circulant, block size B) on the LoRA positions
     surm:STRUCTURE[:PLACEMENT]   SURM with a structured matrix; PLACEMENT parallel (default, LoRA
                                  positions) or serial (adapter positions, no bottleneck, gelu)
 
 Knobs follow as ``key=value``: ``block_size``, ``rank``, ``terms``, ``factors`` (SURM), ``alpha``
 (SURM scale, or LoRA's lora_alpha), ``dropout``, ``activation`` (serial).  Examples:
 ``lora:8``, ``surm:circulant``, ``surm:circulant:block_size=128``, ``surm:ldr:rank=2``,
-``surm:toeplitz:serial``, ``houlsby:32``, ``pfeiffer:24``.
+``surm:toeplitz:serial``, ``houlsby:32``, ``pfeiffer:24``, ``c3a:64``.
+
+A method string is parsed once, where it enters (the command line, a preset), into a
+:class:`Method`; everything downstream takes the :class:`Method`.
 
 Every method also trains the classification head (``modules_to_save``).  Where adapters go is
 given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: query/value for parallel
 updates, attention-output and FFN-output projections for serial ones) or :data:`IMAGE`
-(EfficientNet-Lite0: every 1x1 convolution).
+(EfficientNet-Lite0: every 1x1 convolution); :data:`PROFILES` gives the profile of a data
+set's modality (:func:`surm.data.modality`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "DEFAULT_LR",
     "IMAGE",
     "KINDS",
+    "PROFILES",
     "TEXT",
     "Method",
     "Profile",
@@ -50,11 +56,13 @@ __all__ = [
     "default_head_lr",
     "default_lr",
     "parse",
+    "peft_config",
     "plain_pointwise_convs",
 ]
 
-KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "surm")
+KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "c3a", "surm")
 _NEEDS_RANK = ("lora", "houlsby", "pfeiffer")
+_NO_KNOBS = ("full", "head", "bitfit", "c3a")
 _KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation")
 
 #: Default learning rates (AdamW, linear schedule, 6 % warm-up, batch 16), from the sweep in
@@ -87,14 +95,26 @@ class Method:
     def name(self) -> str:
         """The canonical method string; ``parse(m.name) == m``."""
         parts = [self.kind]
+        knobs = self.knobs
         if self.kind == "surm":
             parts.append(self.structure)
             if self.placement != "parallel":
                 parts.append(self.placement)
+        elif self.kind == "c3a":  # the block size is written positionally
+            parts.append(str(self.knob("block_size")))
+            knobs = ()
         elif self.rank is not None:
             parts.append(str(self.rank))
-        parts += [f"{k}={_show(v)}" for k, v in self.knobs]
+        parts += [f"{k}={_show(v)}" for k, v in knobs]
         return ":".join(parts)
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def family(self) -> str:
+        """The SURM structure (``circulant``) or the kind (``lora``): what plots colour by."""
+        return self.structure if self.kind == "surm" else self.kind
 
     @property
     def label(self) -> str:
@@ -103,7 +123,7 @@ class Method:
         if self.kind == "surm":
             return f"SURM {self.structure}" + (" (serial)" if self.placement == "serial" else "") + knobs
         names = {"full": "full fine-tuning", "head": "head only", "bitfit": "BitFit", "lora": "LoRA",
-                 "houlsby": "Houlsby adapter", "pfeiffer": "Pfeiffer adapter"}
+                 "houlsby": "Houlsby adapter", "pfeiffer": "Pfeiffer adapter", "c3a": "C3A"}
         rank = f" r={self.rank}" if self.rank is not None else ""
         return names[self.kind] + rank + knobs
 
@@ -124,12 +144,14 @@ class Method:
 class Profile:
     """Where a model's head is and where adapters go.
 
-    ``parallel`` (LoRA and parallel SURM), ``serial`` (Houlsby positions) and ``ffn_out``
-    (Pfeiffer position) are PEFT ``target_modules`` (a list of suffixes or a regex); ``None``
-    means SURM's per-model-type defaults. ``lr`` overrides :data:`DEFAULT_LR` entries.
+    ``parallel`` (LoRA and parallel SURM), ``serial`` (Houlsby positions), ``ffn_out``
+    (Pfeiffer position) and ``lora`` (LoRA and C3A) are PEFT ``target_modules`` (a list of
+    suffixes or a regex); ``None`` means SURM's per-model-type defaults. ``head`` is the
+    classification head's module name (None: a model without one; adapters then save no
+    module). ``lr`` overrides :data:`DEFAULT_LR` entries.
     """
 
-    head: str
+    head: str | None
     parallel: Any = None
     serial: Any = None
     ffn_out: Any = None
@@ -145,12 +167,18 @@ _CONV1X1 = r".*(_expand_conv|_project_conv|_conv_head)"
 IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_project_conv", lora=_CONV1X1,
                 lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3, "surm:parallel": 3e-3, "surm:circulant": 1e-3})
 
+#: The profile of each data modality (:func:`surm.data.modality`).
+PROFILES: dict[str, Profile] = {"text": TEXT, "image": IMAGE}
 
-def parse(text: str) -> Method:
-    """Parse a method string such as ``"surm:circulant:block_size=128"`` (module docstring).
+
+def parse(text: str | Method) -> Method:
+    """Parse a method string such as ``"surm:circulant:block_size=128"`` (module docstring);
+    a :class:`Method` is returned as it is.
 
     Raises ValueError with the grammar on anything it does not understand.
     """
+    if isinstance(text, Method):
+        return text
     parts = [p.strip() for p in str(text).strip().split(":")]
     kind = parts[0].lower()
     if kind not in KINDS:
@@ -177,15 +205,19 @@ def parse(text: str) -> Method:
         if not positional or not positional[0].isdigit() or int(positional[0]) < 1:
             raise ValueError(f"method {text!r}: give a positive rank, e.g. {kind}:8")
         rank = int(positional.pop(0))
+    if kind in _NO_KNOBS and knobs:
+        raise ValueError(f"method {text!r}: {kind} takes no knobs")
+    if kind == "c3a":
+        if not positional or not positional[0].isdigit() or int(positional[0]) < 1:
+            raise ValueError(f"method {text!r}: give a positive block size, e.g. c3a:64")
+        knobs["block_size"] = int(positional.pop(0))
     if positional:
         raise ValueError(f"method {text!r}: unexpected part(s) {positional}. {_GRAMMAR}")
-    if kind in ("full", "head", "bitfit") and knobs:
-        raise ValueError(f"method {text!r}: {kind} takes no knobs")
     return Method(kind, structure, placement, rank, tuple(sorted(knobs.items())))
 
 
 _GRAMMAR = (
-    "Method strings: full | head | bitfit | lora:R | houlsby:R | pfeiffer:R | "
+    "Method strings: full | head | bitfit | lora:R | houlsby:R | pfeiffer:R | c3a:B | "
     "surm:STRUCTURE[:parallel|serial] with optional :key=value knobs (e.g. surm:ldr:rank=2)."
 )
 
@@ -203,12 +235,13 @@ def _show(value: Any) -> str:
 
 def default_lr(method: Method | str, profile: Profile | None = None) -> float:
     """The default learning rate of a method: ``profile.lr``, else :data:`DEFAULT_LR`."""
-    method = parse(method) if isinstance(method, str) else method
+    method = parse(method)
     for table in (profile.lr if profile is not None else {}, DEFAULT_LR):
         for key in method.lr_keys:
             if key in table:
                 return table[key]
-    raise KeyError(f"no default learning rate for {method.name}")
+    raise ValueError(f"no default learning rate for {method.name} (none was swept for {method.kind}); "
+                     f"give one: --lr, or lr in the preset")
 
 
 def default_head_lr(method: Method | str, profile: Profile | None = None) -> float | None:
@@ -219,42 +252,55 @@ def default_head_lr(method: Method | str, profile: Profile | None = None) -> flo
     new head learns too slowly or the LayerNorm biases move too far, and every run stayed on the
     majority-class plateau (docs/lr_sweep.md).
     """
-    method = parse(method) if isinstance(method, str) else method
+    method = parse(method)
     return default_lr("head", profile) if method.kind == "bitfit" else None
 
 
-def apply(model: nn.Module, method: Method | str, profile: Profile = TEXT) -> nn.Module:
+def apply(model: nn.Module, method: Method | str | peft.PeftConfig, profile: Profile = TEXT) -> nn.Module:
     """Make ``model`` ready to fine-tune with ``method``; returns the model to train.
 
     ``full``, ``head`` and ``bitfit`` set ``requires_grad`` on ``model`` itself and return it;
     the adapter methods return a ``peft.PeftModel`` wrapping it (whose head is a trainable copy,
-    ``modules_to_save``).
+    ``modules_to_save``). A PEFT config in place of a method is applied as it is.
     """
-    method = parse(method) if isinstance(method, str) else method
+    if isinstance(method, peft.PeftConfig):
+        return _wrap(model, method)
+    method = parse(method)
     if method.kind in ("full", "head", "bitfit"):
-        head = _find(model, profile.head)
+        head = _find(model, profile.head) if profile.head is not None else None
         for name, param in model.named_parameters():
             trainable = (
                 method.kind == "full"
-                or name.startswith(head + ".")
+                or (head is not None and name.startswith(head + "."))
                 or (method.kind == "bitfit" and name.rsplit(".", 1)[-1] == "bias")
             )
             param.requires_grad_(trainable)
         return model
+    return _wrap(model, peft_config(method, profile))
+
+
+def _wrap(model: nn.Module, config: peft.PeftConfig) -> nn.Module:
     with warnings.catch_warnings():  # peft asks transformers >= 5 a deprecated question
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return peft.get_peft_model(model, _peft_config(method, profile))
+        return peft.get_peft_model(model, config)
 
 
-def _peft_config(method: Method, profile: Profile) -> peft.PeftConfig:
+def peft_config(method: Method | str, profile: Profile = TEXT) -> peft.PeftConfig | None:
+    """The PEFT config of an adapter method on ``profile``'s targets; None for ``full``,
+    ``head`` and ``bitfit``, which add no adapter."""
+    method = parse(method)
+    if method.kind in ("full", "head", "bitfit"):
+        return None
     knobs = dict(method.knobs)
-    save = [profile.head]
+    save = [profile.head] if profile.head is not None else None
+    lora_targets = profile.lora if isinstance(profile.lora, str) else list(profile.lora)
     if method.kind == "lora":
-        targets = profile.lora if isinstance(profile.lora, str) else list(profile.lora)
         return peft.LoraConfig(
             r=method.rank, lora_alpha=knobs.get("alpha", 8), lora_dropout=knobs.get("dropout", 0.0),
-            target_modules=targets, modules_to_save=save,
+            target_modules=lora_targets, modules_to_save=save,
         )
+    if method.kind == "c3a":
+        return peft.C3AConfig(block_size=knobs["block_size"], target_modules=lora_targets, modules_to_save=save)
     if method.kind in ("houlsby", "pfeiffer"):
         targets = profile.serial if method.kind == "houlsby" else profile.ffn_out
         return surm.SurmConfig(

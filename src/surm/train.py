@@ -24,6 +24,7 @@ import math
 import os
 import re
 import resource
+import sys
 import threading
 import time
 import weakref
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from surm import progress
 from surm.data import DatasetSplits, Split
 
 __all__ = [
@@ -307,8 +309,8 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[
                 block = []
             step += 1
             if bar is not None:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn by update, at most every mininterval
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
             if step == steps:
                 break
     if block:
@@ -342,13 +344,11 @@ def predict(model: nn.Module, batcher, split: Split, batch_size: int = 128, devi
 
 def scores(labels: np.ndarray, preds: np.ndarray) -> dict[str, float]:
     """``accuracy`` and ``macro_f1`` of predictions against labels."""
+    from sklearn.metrics import f1_score
+
     labels, preds = np.asarray(labels), np.asarray(preds)
-    f1s = []
-    for c in np.union1d(labels, preds):
-        tp = np.sum((preds == c) & (labels == c))
-        denom = np.sum(preds == c) + np.sum(labels == c)
-        f1s.append(2 * tp / denom if denom else 0.0)
-    return {"accuracy": float(np.mean(labels == preds)), "macro_f1": float(np.mean(f1s))}
+    macro_f1 = f1_score(labels, preds, average="macro", zero_division=0)
+    return {"accuracy": float(np.mean(labels == preds)), "macro_f1": float(macro_f1)}
 
 
 def evaluate(model: nn.Module, batcher, split: Split, batch_size: int = 128, device: str = "cpu",
@@ -390,8 +390,5 @@ def finetune(
 
 
 def _progress(total: int, enabled: bool, desc: str):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+    """The bar of one training or evaluation pass (see :mod:`surm.progress`)."""
+    return progress.bar(total, desc, enabled, inner=True)

@@ -1,4 +1,5 @@
-"""The pinwheel experiment: data generator, parameter matching, and a smoke run."""
+"""The pinwheel experiment: data generator, parameter matching, and a smoke run on the
+experiments' protocol (typed preset, runner, report)."""
 
 import json
 
@@ -6,6 +7,11 @@ import pytest
 import torch
 
 from surm.experiments import pinwheel as pw
+from surm.experiments import presets, report
+from surm.experiments.store import Runner
+from surm.methods import parse
+
+QUIET = Runner(None, progress=False)
 
 
 def test_data_is_seeded_balanced_and_shaped():
@@ -34,26 +40,26 @@ def test_parameter_counts_match_the_claims_at_width_64():
     counts = pw.parameter_counts(64)
     adapted = {m: c["adapted"] for m, c in counts.items()}
     assert adapted == {
-        "frozen": 0,
+        "head": 0,
         "full": 64 * 64,
-        "lora:1": 128,
-        "lora:4": 512,
-        "circulant": 64,
-        "symmetric_toeplitz": 64,
-        "toeplitz": 127,
-        "ldr:1": 128,
+        "lora:1:alpha=1": 128,
+        "lora:4:alpha=4": 512,
+        "surm:circulant": 64,
+        "surm:symmetric_toeplitz": 64,
+        "surm:toeplitz": 127,
+        "surm:ldr:rank=1": 128,
     }
     assert all(c["trainable"] == c["adapted"] for c in counts.values())  # nothing else trains
 
 
 def test_others_trainable_adds_the_input_and_output_layers():
-    counts = pw.parameter_counts(64, methods=("frozen", "circulant", "lora:1"), regime="others_trainable")
+    counts = pw.parameter_counts(64, methods=("head", "surm:circulant", "lora:1"), regime="others_trainable")
     others = (2 * 64 + 64) + (64 * 5 + 5)
     assert {m: c["trainable"] - c["adapted"] for m, c in counts.items()} == dict.fromkeys(counts, others)
-    assert counts["circulant"]["adapted"] == 64
+    assert counts["surm:circulant"]["adapted"] == 64
 
 
-@pytest.mark.parametrize("method", ["lora:1", "circulant", "toeplitz", "ldr:1"])
+@pytest.mark.parametrize("method", ["lora:1:alpha=1", "surm:circulant", "surm:toeplitz", "surm:ldr:rank=1"])
 def test_updates_start_at_zero_and_base_stays_frozen(method):
     base = pw.PinwheelMLP(16)
     model = pw.adapt(base, method)
@@ -66,7 +72,9 @@ def test_updates_start_at_zero_and_base_stays_frozen(method):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("pinwheel")
-    return out, pw.run(out, "smoke", progress=False)
+    outcome = pw.run(pw.PRESETS["smoke"], out, QUIET)
+    assert isinstance(outcome, report.Outcome) and outcome.experiment == "pinwheel"
+    return out, outcome.payload["summary"]
 
 
 def test_smoke_run_writes_sane_files(smoke):
@@ -75,6 +83,7 @@ def test_smoke_run_writes_sane_files(smoke):
     payload = json.loads((out / "pinwheel.json").read_text())
     assert payload["summary"] == json.loads(json.dumps(summary))
     assert list(payload["curves"]) == list(pw.METHODS)
+    assert payload["config"]["methods"] == list(pw.METHODS) and payload["summary"]["preset"] == "smoke"
     n = len(payload["steps"])
     assert payload["steps"][0] == 0 and payload["steps"][-1] == summary["steps"]
     for c in payload["curves"].values():
@@ -91,21 +100,37 @@ def test_smoke_run_every_method_starts_at_the_frozen_loss_and_full_goes_below_it
     # zero-initialised updates: step 0 of every curve is the frozen network's loss
     out, summary = smoke
     curves = json.loads((out / "pinwheel.json").read_text())["curves"]
-    frozen = curves["frozen"]["mean"][0]
+    frozen = curves["head"]["mean"][0]
     assert all(c["mean"][0] == pytest.approx(frozen, rel=1e-4) for c in curves.values())
-    assert summary["methods"]["full"]["final_loss_mean"] < summary["methods"]["frozen"]["final_loss_mean"]
+    assert summary["methods"]["full"]["final_loss_mean"] < summary["methods"]["head"]["final_loss_mean"]
 
 
 def test_pretrained_regime_reports_the_pretrained_loss(tmp_path):
-    summary = pw.run(tmp_path, "smoke", regime="pretrained", methods=("frozen", "full"), plot=False, progress=False)
+    config = pw.PRESETS["smoke"].replace(regime="pretrained", methods=("head", "full"), plot=False)
+    summary = pw.run(config, tmp_path, QUIET).payload["summary"]
     assert summary["regime"] == "pretrained" and summary["pretrained_loss_mean"] > 0
     assert not (tmp_path / "pinwheel.png").exists()
 
 
-def test_bad_arguments_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="preset"):
-        pw.run(tmp_path, "huge")
-    with pytest.raises(TypeError, match="unknown override"):
-        pw.run(tmp_path, "smoke", epochs=3)
+def test_methods_are_the_shared_vocabulary():
+    config = pw.PRESETS["quick"]
+    assert all(m == parse(m.name) for m in config.methods)
+    assert pw.lr_of(config, parse("surm:toeplitz")) == 0.3 and pw.lr_of(config, parse("head")) == config.lr_default
+    assert pw.lr_of(config.replace(lr=0.01), parse("full")) == 0.01
+    assert pw.label(parse("head")) == "frozen (no update)" and pw.label(parse("lora:1:alpha=1")) == "LoRA r=1 alpha=1"
+
+
+def test_lora_scale_is_one_as_the_method_string_says():
+    model = pw.adapt(pw.PinwheelMLP(16), "lora:4:alpha=4")
+    assert model.base_model.model.hidden.scaling["default"] == 1.0
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="unknown preset"):
+        presets.resolve("pinwheel", pw.PRESETS, "huge")
+    with pytest.raises(ValueError, match="unknown setting 'epochs'"):
+        presets.resolve("pinwheel", pw.PRESETS, "smoke", ["epochs=3"])
     with pytest.raises(ValueError, match="regime"):
-        pw.run(tmp_path, "smoke", regime="pretend")
+        pw.PRESETS["smoke"].replace(regime="pretend")
+    with pytest.raises(ValueError, match="the pinwheel applies head, full, lora, surm"):
+        pw.PRESETS["smoke"].replace(methods=("surm:circulant:serial",))

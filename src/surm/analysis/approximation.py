@@ -31,14 +31,15 @@ import numpy as np
 import torch
 
 from surm import structured
-
-DEFAULT_SIZE = 64
-DEFAULT_TARGETS = ("psd", "gaussian", "lowrank_noise", "near_toeplitz")
-DEFAULT_FAMILIES = ("low_rank", "kronecker", "circulant", "skew_circulant", "symmetric_toeplitz", "toeplitz", "ldr")
-DEFAULT_BUDGETS = (1.0, 2.0, 4.0, 8.0, 16.0)  # multiples of N = max(m, n)
-DEFAULT_TRIALS = 10
-DEFAULT_LDR_STEPS = 200
-DEFAULT_NOISE = 0.1
+from surm.analysis.approximation_defaults import (  # noqa: F401  (part of this module's API)
+    DEFAULT_BUDGETS,
+    DEFAULT_FAMILIES,
+    DEFAULT_LDR_STEPS,
+    DEFAULT_NOISE,
+    DEFAULT_SIZE,
+    DEFAULT_TARGETS,
+    DEFAULT_TRIALS,
+)
 
 # ---------------------------------------------------------------------------------------
 # targets
@@ -329,12 +330,12 @@ def run_study(
     records = {
         (t, s): Record(t, s.family, s.knob_dict, s.label, s.params, b) for t in targets for s, b in points
     }
-    from tqdm.auto import tqdm
+    from surm.progress import bar as progress_bar
 
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
-    bar = tqdm(total=trials * len(records), desc="approx", unit="fit", disable=not progress)
+    bar = progress_bar(trials * len(records), "approx", unit="fit", disable=not progress)
     try:
         for trial in range(trials):
             for t in targets:

@@ -1,2 +1,2 @@
-"""``surm`` subcommands owned outside ``cli.py``: each module has ``add_parser(subparsers)``
-(which sets ``func=run`` on its parser) and ``run(args)``."""
+"""The ``surm`` commands, one module each (``approx``, ``finetune``, ``reproduce``, ``bench``),
+and :mod:`surm.commands.main`, which puts them together (see its docstring)."""

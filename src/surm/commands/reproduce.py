@@ -1,17 +1,19 @@
 """``surm reproduce EXPERIMENT``: run one of the paper's experiments, scaled to this machine.
 
 Each experiment writes ``<name>.json``, ``<name>.md`` and PNG plots into ``--out`` (default
-``outputs/<name>``) and prints its Markdown table. Training runs are kept in a shared store
-(default ``outputs/runs``), so ``cka`` and ``lowres`` reuse the ``nlp`` runs they share and a
-repeated command only trains what is missing (``--fresh`` retrains).
+``outputs/<name>``) and prints its Markdown table. Training runs are kept in one run store,
+``outputs/runs`` (``--store`` picks another), keyed by their settings and the code that ran
+them, so ``cka`` and ``lowres`` reuse the ``nlp`` runs they share and a repeated command only
+trains what is missing (``--fresh`` retrains).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 from pathlib import Path
+
+from surm.commands.errors import UsageError
 
 HELP = "run one of the paper's experiments (nlp, vision, lowres, cka, pinwheel, lr_sweep), scaled to a CPU"
 
@@ -23,14 +25,18 @@ experiments:
   lowres    1/5/10/25 % of Rotten Tomatoes: head, LoRA r=8, SURM circulant and Toeplitz
   cka       linear CKA and weight drift between full fine-tuning and LoRA / SURM (Table 8 analog)
   pinwheel  synthetic 2-D pinwheel: LoRA against SURM at equal parameters
-  lr_sweep  the learning-rate sweep behind the per-method defaults
+  lr_sweep  the learning-rate sweep behind the per-method defaults (also --preset vision)
   all       nlp, lowres, cka, vision and pinwheel, one after the other
 
-presets: smoke (seconds, tests), quick (minutes), full (the documented run, docs/results.md).
+presets: smoke (seconds, tests), quick (minutes, the default), full (the documented run,
+docs/results.md; nlp takes about an hour). --show-preset lists an experiment's settings, with
+their help, for --set.
 
 examples:
-  surm reproduce nlp --preset quick
-  surm reproduce nlp --set seeds=[0] --set 'methods={"rotten_tomatoes": ["lora:8", "surm:ldr:rank=2"]}'
+  surm reproduce nlp
+  surm reproduce nlp --preset full
+  surm reproduce nlp --seeds 0 1 --set 'methods={"rotten_tomatoes": ["lora:8", "surm:ldr:rank=2"]}'
+  surm reproduce pinwheel --set regime=pretrained --show-preset
 """
 
 ALL = ("nlp", "lowres", "cka", "vision", "pinwheel")
@@ -43,68 +49,62 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("reproduce", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiment", choices=[*names(), "all"], help="which experiment")
-    p.add_argument("--preset", choices=["smoke", "quick", "full"], default="full", help="size (default: full)")
+    p.add_argument("--preset", default="quick", help="smoke, quick or full (lr_sweep also: vision); default: quick")
     p.add_argument("--quick", dest="preset", action="store_const", const="quick", help="same as --preset quick")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: outputs/EXPERIMENT; with 'all', the parent of each)")
-    p.add_argument("--store", type=Path, default=None, help="run store (default: OUT/../runs)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="override the preset's seeds")
+    p.add_argument("--store", type=Path, default=None, help="run store (default: outputs/runs)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="the preset's seeds (same as --set seeds=...)")
     p.add_argument("--fresh", action="store_true", help="retrain runs found in the store")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a preset key (Python literal), repeatable")
+                   help="change a setting of the preset (VALUE: a Python literal or a word), repeatable")
+    p.add_argument("--show-preset", action="store_true", help="print the settings (after --set) and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["seeds=[0, 1]", "lr=3e-3"]`` -> ``{"seeds": [0, 1], "lr": 0.003}`` (strings stay strings)."""
+def configs(args: argparse.Namespace) -> dict:
+    """``{experiment name: (module, resolved preset)}``; UsageError on a bad preset or --set,
+    before anything is trained."""
+    from surm.experiments import load, presets
+
+    sets = list(args.overrides)
+    if args.seeds is not None:
+        sets.append(f"seeds={tuple(args.seeds)!r}")
     out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise SystemExit(f"surm reproduce: --set expects KEY=VALUE, got {item!r}")
+    for name in ALL if args.experiment == "all" else (args.experiment,):
+        module = load(name)
         try:
-            out[key.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value.strip()
+            out[name] = (module, presets.resolve(name, module.PRESETS, args.preset, sets))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     return out
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Run ``surm reproduce``; prints each experiment's table and returns ``{name: result}``."""
-    from surm.experiments import load
+    """Run ``surm reproduce``; prints each experiment's table and returns ``{name: Outcome}``."""
+    from surm import outputs
+    from surm.experiments import presets
+    from surm.experiments.store import Runner, RunStore
 
-    overrides = parse_overrides(args.overrides)
-    names = ALL if args.experiment == "all" else (args.experiment,)
+    todo = configs(args)
+    if args.show_preset:
+        for name, (_, config) in todo.items():
+            print(f"{name}: {presets.describe(config)}")
+        return {}
+    runner = Runner(RunStore(args.store or outputs.RUN_STORE), fresh=args.fresh, progress=not args.quiet)
     results = {}
-    for name in names:
+    for name, (module, config) in todo.items():
         if args.experiment == "all":
-            out = (args.out or Path("outputs")) / name
+            out = (args.out or outputs.OUTPUT_ROOT) / name
         else:
-            out = args.out or Path("outputs") / name
-        kwargs = dict(overrides)
-        if args.seeds is not None:
-            kwargs["seeds"] = args.seeds
-        if name != "pinwheel":
-            if args.store is not None:
-                kwargs["store"] = args.store
-            if args.fresh:
-                kwargs["fresh"] = True
+            out = args.out or outputs.default_dir(name)
         start = time.perf_counter()
-        try:
-            result = load(name).run(out, args.preset, **kwargs)
-        except (TypeError, ValueError) as err:
-            if not str(err).startswith(f"{name}:"):  # a bad preset or override: a one-line message
-                raise
-            raise SystemExit(f"surm reproduce {err}") from None
-        elapsed = time.perf_counter() - start
-        markdown = result.get("markdown") if isinstance(result, dict) else None
-        md_file = out / f"{name}.md"
-        if markdown is None and md_file.is_file():
-            markdown = md_file.read_text()
-        print(markdown or "")
-        print(f"[{name}, {args.preset} preset: {elapsed / 60:.1f} min; outputs in {out}/]")
-        results[name] = result
+        outcome = module.run(config, out, runner)
+        print(outcome.markdown)
+        print(f"[{name}, {config.name} preset: {(time.perf_counter() - start) / 60:.1f} min; outputs in {out}/]")
+        results[name] = outcome
     return results
 
 
@@ -112,7 +112,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="surm")
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except UsageError as err:
+        parser.exit(2, f"surm reproduce: error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,19 @@
 """The paper's experiments, scaled to a CPU, by name (``surm reproduce NAME``).
 
-Each module in :data:`EXPERIMENTS` exposes ``run(out_dir: Path, preset: str = "full",
-**overrides) -> dict`` with the presets ``"smoke"`` (seconds, for tests), ``"quick"`` and
-``"full"``, and writes ``<name>.json``, ``<name>.md`` and PNG plots into ``out_dir``. Modules
-are imported only when asked for (:func:`load`).
+Every experiment is a module with the same three things:
+
+* a preset type, a frozen dataclass derived from :class:`~surm.experiments.presets.Preset`
+  whose fields are the settings (typed, with help text);
+* ``PRESETS``: its instances by name, at least ``"smoke"`` (seconds, for tests), ``"quick"``
+  (minutes; what ``surm reproduce NAME`` runs) and ``"full"`` (the documented run);
+* ``run(config, out_dir, runner) -> report.Outcome``, which makes its runs through ``runner``
+  (a :class:`~surm.experiments.store.Runner`: run store, retraining, progress bars) and
+  writes ``<name>.json``, ``<name>.md`` and PNG plots into ``out_dir``.
+
+The shared parts: :mod:`.runs` (one fine-tuning run), :mod:`.store` (the run store and the
+runner), :mod:`.provenance` (the code version in the store's keys), :mod:`.presets`,
+:mod:`.report` (means, tables, outputs) and :mod:`.plots`. Modules are imported only when
+asked for (:func:`load`).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ and value weights of every layer (``W = W0 + ΔW``, adapters merged):
   ``CKA(X, Y) = ||Ycᵀ Xc||²_F / (||Xcᵀ Xc||_F ||Ycᵀ Yc||_F)`` with column-centred ``Xc, Yc``.
   The ``W`` version is dominated by the shared ``W0``; the row "pretrained W0" shows the value
   that not moving at all gets. ``ΔW`` compares the updates themselves.
-* weight drift ``1 − cos(W_m, W0)`` (the reference code's plot, SPEC §5.6) and ``||ΔW||_F``.
+* weight drift ``1 − cos(W_m, W0)`` (the paper's reference code plots it) and ``||ΔW||_F``.
 
 The runs are the ``nlp`` experiment's Rotten Tomatoes runs (same specs, shared store), so after
 ``nlp`` this costs only the runs it lacks. Writes ``cka.json``, ``cka.md``, ``cka.png``
@@ -18,26 +18,42 @@ The runs are the ``nlp`` experiment's Rotten Tomatoes runs (same specs, shared s
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import numpy as np
 import torch
 
-from . import common, nlp
+from surm.methods import Method
 
-PARALLEL_FAMILIES = ["surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
-                     "surm:kronecker", "surm:ldr:rank=1"]
+from . import nlp, plots, report
+from .presets import Preset, setting
+from .runs import RunRecord, RunSpec, delta_names, make_model, threads
+from .store import Runner
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(source="smoke", methods=["lora:2", "surm:circulant", "surm:toeplitz"], seeds=[0]),
-    "quick": dict(source="quick", methods=["lora:8", "surm:circulant", "surm:toeplitz"], seeds=[0]),
-    "full": dict(source="full", methods=["lora:1", "lora:8", *PARALLEL_FAMILIES], seeds=[0, 1, 2]),
+PARALLEL_FAMILIES = ("surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
+                     "surm:kronecker", "surm:ldr:rank=1")
+BASELINE = "pretrained W0"  # the row of no update at all
+
+
+@dataclass(frozen=True, kw_only=True)
+class CkaPreset(Preset):
+    """The CKA experiment's settings: which of the ``nlp`` runs it compares."""
+
+    source: Literal["smoke", "quick", "full"] = setting("quick", "the nlp preset whose runs (and threads) it uses")
+    dataset: str = setting("rotten_tomatoes", "a data set of the source preset")
+    reference: Method = setting("full", "the method the others are compared with")
+    methods: tuple[Method, ...] = setting(("lora:8", "surm:circulant", "surm:toeplitz"), "methods to compare")
+    seeds: tuple[int, ...] = setting((0,), "seeds (each method against the reference run of the same seed)")
+    threads: int | None = setting(None, "torch threads (None: the source preset's)")
+
+
+PRESETS: dict[str, CkaPreset] = {
+    "smoke": CkaPreset(name="smoke", source="smoke", methods=("lora:2", "surm:circulant", "surm:toeplitz")),
+    "quick": CkaPreset(name="quick"),
+    "full": CkaPreset(name="full", source="full", methods=("lora:1", "lora:8", *PARALLEL_FAMILIES), seeds=(0, 1, 2)),
 }
-for _config in PRESETS.values():
-    # threads=None: the source nlp preset's setting
-    _config.update(dataset="rotten_tomatoes", reference="full", threads=None, store=None, fresh=False, progress=True)
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -59,27 +75,27 @@ def drift(w: torch.Tensor, w0: torch.Tensor) -> float:
     return max(0.0, float(1 - torch.dot(w, w0) / (w.norm() * w0.norm())))
 
 
-def base_weights(spec: common.RunSpec) -> dict[str, torch.Tensor]:
+def base_weights(spec: RunSpec) -> dict[str, torch.Tensor]:
     """The pretrained query/value weights ``W0`` of ``spec``'s model (before any training)."""
-    model, _, _ = common.make_model(spec, num_labels=2)
-    return {n: p.detach().clone() for n, p in model.named_parameters() if n in common.delta_names(model)}
+    model, _ = make_model(spec, num_labels=2)
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n in delta_names(model)}
 
 
 def compare(deltas: dict[str, dict[int, dict[str, torch.Tensor]]], w0: dict[int, dict[str, torch.Tensor]],
             reference: str) -> dict[str, dict[str, np.ndarray]]:
-    """Per method: arrays ``(seeds, weights)`` of ``cka_w``, ``cka_dw``, ``drift``, ``dw_norm``.
+    """Per method string: arrays ``(seeds, weights)`` of ``cka_w``, ``cka_dw``, ``drift``, ``dw_norm``.
 
     ``deltas[method][seed][name]`` is ΔW; ``w0[seed][name]`` the pretrained weight. The row
-    ``"pretrained W0"`` holds CKA(W_full, W0) (and zero drift).
+    :data:`BASELINE` holds CKA(W_full, W0) (and zero drift).
     """
     seeds = sorted(deltas[reference])
     names = list(w0[seeds[0]])
     out = {}
-    for method in [reference, *[m for m in deltas if m != reference], "pretrained W0"]:
+    for method in [reference, *[m for m in deltas if m != reference], BASELINE]:
         cka_w, cka_dw, drifts, norms = [], [], [], []
         for seed in seeds:
             ref = deltas[reference][seed]
-            dm = deltas[method][seed] if method != "pretrained W0" else {n: torch.zeros_like(w0[seed][n]) for n in names}
+            dm = deltas[method][seed] if method != BASELINE else {n: torch.zeros_like(w0[seed][n]) for n in names}
             cka_w.append([linear_cka(w0[seed][n] + ref[n], w0[seed][n] + dm[n]) for n in names])
             cka_dw.append([linear_cka(ref[n], dm[n]) for n in names])
             drifts.append([drift(w0[seed][n] + dm[n], w0[seed][n]) for n in names])
@@ -89,47 +105,43 @@ def compare(deltas: dict[str, dict[int, dict[str, torch.Tensor]]], w0: dict[int,
     return out
 
 
-def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str, Any]:
-    """Run the CKA comparison into ``out_dir``; returns ``{"rows", "markdown", "files", ...}``."""
-    config = common.resolve_preset("cka", PRESETS, preset, overrides)
-    out_dir = Path(out_dir)
-    store = common.store_dir(out_dir, config["store"])
-    nlp_config = nlp.PRESETS[config["source"]]
-    base = nlp.base_spec(nlp_config, config["dataset"]).replace(save_deltas=True)
-    methods = [config["reference"], *config["methods"]]
-    specs = [base.replace(method=m, seed=s) for m in methods for s in config["seeds"]]
-    start = time.perf_counter()
-    threads = config["threads"] if config["threads"] is not None else nlp_config["threads"]
-    with common.threads(threads):
-        records = common.run_many(specs, store, "cka", config["progress"], config["fresh"])
+def specs(config: CkaPreset) -> list[RunSpec]:
+    """The reference's and each method's runs, as the source ``nlp`` preset makes them (with deltas)."""
+    base = nlp.base_spec(nlp.PRESETS[config.source], config.dataset).replace(save_deltas=True)
+    return [base.replace(method=m, seed=s) for m in (config.reference, *config.methods) for s in config.seeds]
+
+
+def run(config: CkaPreset, out_dir: Path, runner: Runner) -> report.Outcome:
+    """Run the CKA comparison into ``out_dir``."""
+    n_threads = config.threads if config.threads is not None else nlp.PRESETS[config.source].threads
+    runs = specs(config)
+    records, wall = runner.run_all(runs, "cka", n_threads)
+    with threads(n_threads):
         deltas: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-        for spec, record in zip(specs, records):
-            deltas.setdefault(record["method"], {})[spec.seed] = common.load_deltas(spec, store)
-        w0 = {s: base_weights(base.replace(seed=s)) for s in config["seeds"]}
-    wall = time.perf_counter() - start
-    stats = compare(deltas, w0, config["reference"])
-    names = list(w0[config["seeds"][0]])
-    labels = {r["method"]: r["label"] for r in records}
-    labels["pretrained W0"] = "pretrained W0 (no update)"
-    accuracy = {m: common.mean_std(r["test"]["accuracy"] for r in records if r["method"] == m) for m in methods}
-    params = {r["method"]: r["adapter_params"] for r in records}
+        for spec in runs:
+            deltas.setdefault(spec.method.name, {})[spec.seed] = runner.deltas(spec)
+        w0 = {s: base_weights(runs[0].replace(seed=s)) for s in config.seeds}
+    stats = compare(deltas, w0, config.reference.name)
+    names = list(w0[config.seeds[0]])
     rows = []
     for method, s in stats.items():
+        mine = [r for r in records if r.method.name == method]
         layer_means = {k: v.mean(1) for k, v in s.items()}  # mean over weights, per seed
         rows.append({
-            "method": method, "label": labels[method], "adapter_params": params.get(method),
-            "accuracy": accuracy.get(method),
-            **{k: common.mean_std(v) for k, v in layer_means.items()},
+            "method": method,
+            "label": mine[0].label + report.stored_mark(sum(r.from_store for r in mine), len(mine)) if mine
+            else f"{BASELINE} (no update)",
+            "adapter_params": mine[0].adapter_params if mine else None,
+            "accuracy": report.mean_std(r.test["accuracy"] for r in mine) if mine else None,
+            **{k: report.mean_std(v) for k, v in layer_means.items()},
             "per_weight": {k: v.mean(0).tolist() for k, v in s.items()},
         })
-    markdown = report(rows, names, config, preset, wall, records)
+    markdown = tables(rows, names, config, wall, records)
     out_dir.mkdir(parents=True, exist_ok=True)
-    pngs = plot(rows, names, out_dir)
-    payload = {"experiment": "cka", "preset": preset, "config": config, "wall_seconds": wall, "weights": names,
+    figures = plot(rows, names, config, out_dir)
+    payload = {"experiment": "cka", "preset": config.name, "config": config, "wall_seconds": wall, "weights": names,
                "rows": rows, "runs": records}
-    files = common.write_outputs(out_dir, "cka", payload, markdown)
-    return {"experiment": "cka", "rows": rows, "markdown": markdown, "wall_seconds": wall,
-            "files": [*files.values(), *pngs]}
+    return report.write(out_dir, "cka", payload, markdown, figures)
 
 
 def _short_name(name: str) -> str:
@@ -139,26 +151,28 @@ def _short_name(name: str) -> str:
     return f"L{layer} {parts[-2]}"
 
 
-def report(rows, names, config, preset, wall, records) -> str:
+def tables(rows: list[dict], names: list[str], config: CkaPreset, wall: float, records: list[RunRecord]) -> str:
+    """Markdown: the averages per method, then CKA(ΔW, ΔW_full) weight by weight."""
     header = ["method", "params (no head)", "test acc %", "CKA(W, W_full)", "CKA(ΔW, ΔW_full)",
               "drift 1 − cos(W, W0)", "‖ΔW‖_F"]
     table = []
     for r in rows:
-        acc = common.fmt_pct(r["accuracy"]) if r["accuracy"] else "—"
-        params = common.fmt_params(r["adapter_params"]) if r["adapter_params"] is not None else "—"
+        acc = report.fmt_pct(r["accuracy"]) if r["accuracy"] else "—"
+        params = report.fmt_params(r["adapter_params"]) if r["adapter_params"] is not None else "—"
         table.append([r["label"], params, acc, _fmt(r["cka_w"], 4), _fmt(r["cka_dw"], 3), _fmt(r["drift"], "e"),
                       _fmt(r["dw_norm"], 3)])
     per_layer = [[_short_name(n)] + [f"{r['per_weight']['cka_dw'][i]:.3f}" for r in rows[1:-1]] for i, n in enumerate(names)]
-    sizes = records[0]["sizes"]
+    sizes = records[0].sizes
     return (
-        f"# CKA to full fine-tuning ({preset} preset): {records[0]['spec']['model']} on {config['dataset']}\n\n"
+        f"# CKA to full fine-tuning ({config.name} preset): {records[0].spec.model} on {config.dataset}\n\n"
         f"Query and value weights of every layer ({len(names)} matrices), averaged over them; mean ± std over "
-        f"seeds {config['seeds']} (each method compared with the full fine-tuning run of the same seed). "
+        f"seeds {list(config.seeds)} (each method compared with the full fine-tuning run of the same seed). "
         f"{sizes['train']} training examples, test accuracy on {sizes['test']}.\n\n"
-        + common.markdown_table(header, table)
+        + report.markdown_table(header, table)
         + "\n## CKA(ΔW, ΔW_full) per weight (mean over seeds)\n\n"
-        + common.markdown_table(["weight", *[r["label"] for r in rows[1:-1]]], per_layer)
-        + f"\nWall time {common.fmt_duration(wall)} ({len(records)} runs, most from the store when `nlp` ran first).\n"
+        + report.markdown_table(["weight", *[r["label"] for r in rows[1:-1]]], per_layer)
+        + f"\nWall time {report.fmt_duration(wall)} ({len(records)} runs, most from the store when `nlp` ran first).\n"
+        + report.stored_note(records)
     )
 
 
@@ -169,31 +183,31 @@ def _fmt(pair, digits) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def plot(rows, names, out_dir: Path) -> list[Path]:
-    import matplotlib
+def plot(rows: list[dict], names: list[str], config: CkaPreset, out_dir: Path) -> list[Path]:
+    """``cka.png`` (CKA of ΔW to full fine-tuning's, weight by weight) and ``cka_drift.png``."""
+    from surm.methods import parse
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
+    styles = plots.method_styles(parse(r["method"]) for r in rows[:-1])
     x = np.arange(len(names))
     paths = []
-    for key, ylabel, fname, log, subset in [
-        ("cka_dw", "linear CKA(ΔW, ΔW_full)", "cka.png", False, rows[1:-1]),
-        ("drift", "1 − cos(W, W0)", "cka_drift.png", True, rows[:-1]),
+    for key, ylabel, title, fname, log, subset in [
+        ("cka_dw", "linear CKA(ΔW, ΔW_full)",
+         "How alike are the updates? CKA of each method's ΔW to full fine-tuning's", "cka.png", False, rows[1:-1]),
+        ("drift", "1 − cos(W, W0) (log scale)",
+         "How far do the weights move? Drift from the pretrained weights", "cka_drift.png", True, rows[:-1]),
     ]:
         fig, ax = plt.subplots(figsize=(8, 4.4))
         for r in subset:
-            style = common.method_style(r["method"])
-            ax.plot(x, r["per_weight"][key], marker=style["marker"], label=r["label"],
-                    color="black" if r["method"] == "full" else None)
+            ax.plot(x, r["per_weight"][key], label=r["label"], mec="black", mew=0.5, **styles[parse(r["method"])])
         ax.set_xticks(x, [_short_name(n) for n in names], rotation=60, fontsize=7)
+        ax.set_xlabel("attention weight (layer, query or value)")
         ax.set_ylabel(ylabel)
+        ax.set_title(f"{title} ({config.name} preset)", fontsize=10)
         if log:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, ncol=2)
+        ax.legend(fontsize=7, title="method", loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
-        fig.savefig(out_dir / fname, dpi=110)
-        plt.close(fig)
-        paths.append(out_dir / fname)
+        paths.append(plots.save(fig, out_dir / fname))
     return paths

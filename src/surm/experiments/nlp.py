@@ -9,138 +9,164 @@ Presets:
 
 * ``smoke``: a random 2-layer BERT, a few dozen examples; seconds (tests).
 * ``quick``: MiniLM on Rotten Tomatoes, head only / LoRA r=8 / SURM circulant / SURM
-  Toeplitz, one seed (the README's main command; a few minutes).
+  Toeplitz, one seed (the default of ``surm reproduce nlp``; a few minutes).
 * ``full``: every method on Rotten Tomatoes (20 % of the training set: 2,040 sentences, 128
   steps at batch 16) and a core subset on the tweets (20 %) and R8 (25 %), 3 seeds, up to
   1,000 test examples (see docs/results.md for the run time). Its Rotten Tomatoes seed-0 runs
   of head only, LoRA r=8 and SURM circulant / Toeplitz are the ``quick`` preset's runs.
 
-Writes ``nlp.json`` (config, aggregated rows, every run record), ``nlp.md`` (tables) and
-``nlp.png`` (accuracy against trainable parameters, one panel per data set).
+Writes ``nlp.json`` (settings, aggregated rows, every run record), ``nlp.md`` (tables) and
+``nlp.png`` (accuracy against trainable parameters, one panel per data set; with R8 also
+``nlp_r8_f1.png``, its macro-F1).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from . import common
+from surm.methods import Method, parse
+
+from . import plots, report
+from .presets import Preset, lr_for, setting
+from .runs import RunRecord, RunSpec
+from .store import Runner
 
 DATASET_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "election_tweets": "election tweets", "r8": "R8"}
+MODEL_NAMES = {"minilm": "MiniLM", "tiny-bert": "A tiny random BERT"}
 
-ALL_METHODS = [
+ALL_METHODS = (
     "full", "head", "bitfit", "lora:1", "lora:4", "lora:8", "houlsby:32", "pfeiffer:24",
     "surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz", "surm:kronecker",
     "surm:ldr:rank=1", "surm:circulant:serial", "surm:toeplitz:serial",
-]
-CORE_METHODS = ["full", "head", "lora:8", "surm:circulant", "surm:toeplitz"]
-#: methods whose merged query/value changes are saved for the CKA experiment
+)
+CORE_METHODS = ("full", "head", "lora:8", "surm:circulant", "surm:toeplitz")
+#: kinds whose merged query/value changes are saved (parallel placement only) for the CKA experiment
 DELTA_KINDS = ("full", "lora", "surm")
+LORA_8 = parse("lora:8")  # the reference of the "vs LoRA r=8" column
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(
-        model="tiny-bert",
-        methods={"rotten_tomatoes": ["head", "lora:2", "surm:circulant", "surm:toeplitz:serial"]},
-        seeds=[0], train_fraction={"rotten_tomatoes": 0.005}, n_eval=32, epochs=1.0, batch_size=16, threads=1,
+
+@dataclass(frozen=True, kw_only=True)
+class NlpPreset(Preset):
+    """The text experiment's settings (see the module docstring for the presets)."""
+
+    model: str = setting("minilm", "minilm, tiny-bert (random 2-layer BERT, for tests) or a transformers folder")
+    methods: dict[str, tuple[Method, ...]] = setting(
+        {"rotten_tomatoes": ("head", "lora:8")}, "data set -> method strings, e.g. {'r8': ['head', 'lora:8']}")
+    seeds: tuple[int, ...] = setting((0,), "training seeds (mean ± std over them)")
+    train_fraction: dict[str, float] = setting({"rotten_tomatoes": 0.2}, "data set -> fraction of its training set")
+    n_eval: int | None = setting(1000, "cap validation and test at this many examples (None: all)")
+    epochs: float = setting(1.0, "training epochs")
+    batch_size: int = setting(16, "batch size (the default learning rates assume 16)")
+    lr: float | dict[Method, float] | None = setting(
+        None, "learning rate: one for every method, {method: lr}, or None for each method's default")
+    threads: int | None = setting(None, "torch threads (None: torch's default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for dataset, methods in self.methods.items():
+            if dataset not in self.train_fraction:
+                raise ValueError(f"train_fraction: give one for {dataset} (it has methods)")
+            if not methods:
+                raise ValueError(f"methods: {dataset} has none")
+
+
+PRESETS: dict[str, NlpPreset] = {
+    "smoke": NlpPreset(
+        name="smoke", model="tiny-bert",
+        methods={"rotten_tomatoes": ("head", "lora:2", "surm:circulant", "surm:toeplitz:serial")},
+        seeds=(0,), train_fraction={"rotten_tomatoes": 0.005}, n_eval=32, threads=1,
     ),
-    "quick": dict(
-        model="minilm",
-        methods={"rotten_tomatoes": ["head", "lora:8", "surm:circulant", "surm:toeplitz"]},
-        seeds=[0], train_fraction={"rotten_tomatoes": 0.2}, n_eval=1000, epochs=1.0, batch_size=16, threads=None,
+    "quick": NlpPreset(
+        name="quick", methods={"rotten_tomatoes": ("head", "lora:8", "surm:circulant", "surm:toeplitz")},
+        seeds=(0,), train_fraction={"rotten_tomatoes": 0.2},
     ),
-    "full": dict(
-        model="minilm",
-        methods={"rotten_tomatoes": ALL_METHODS, "election_tweets": CORE_METHODS, "r8": CORE_METHODS},
-        seeds=[0, 1, 2], train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25},
-        n_eval=1000, epochs=1.0, batch_size=16, threads=None,
+    "full": NlpPreset(
+        name="full", methods={"rotten_tomatoes": ALL_METHODS, "election_tweets": CORE_METHODS, "r8": CORE_METHODS},
+        seeds=(0, 1, 2), train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25},
     ),
 }
-for _config in PRESETS.values():
-    _config.update(lr=None, store=None, fresh=False, progress=True)
 
 
-def base_spec(config: dict[str, Any], dataset: str) -> common.RunSpec:
+def base_spec(config: NlpPreset, dataset: str) -> RunSpec:
     """The run spec shared by every method and seed of ``dataset`` under ``config``."""
-    return common.RunSpec(
-        dataset=dataset, method="head", model=config["model"], train_fraction=config["train_fraction"][dataset],
-        n_eval=config["n_eval"], epochs=config["epochs"], batch_size=config["batch_size"],
+    return RunSpec(
+        dataset=dataset, method=parse("head"), model=config.model, train_fraction=config.train_fraction[dataset],
+        n_eval=config.n_eval, epochs=config.epochs, batch_size=config.batch_size,
     )
 
 
-def specs(config: dict[str, Any]) -> list[common.RunSpec]:
+def specs(config: NlpPreset) -> list[RunSpec]:
     """Every run of the experiment, data set by data set, method by method, seed by seed."""
     out = []
-    for dataset, methods in config["methods"].items():
+    for dataset, methods in config.methods.items():
         base = base_spec(config, dataset)
         for method in methods:
-            lr = common.preset_lr(config, method)
-            save = method.split(":")[0] in DELTA_KINDS and ":serial" not in method and dataset == "rotten_tomatoes"
-            for seed in config["seeds"]:
-                out.append(base.replace(method=method, seed=seed, lr=lr, save_deltas=save and config["model"] != "tiny-bert"))
+            save = (method.kind in DELTA_KINDS and method.placement == "parallel" and dataset == "rotten_tomatoes"
+                    and config.model != "tiny-bert")
+            out += [base.replace(method=method, seed=seed, lr=lr_for(config.lr, method), save_deltas=save)
+                    for seed in config.seeds]
     return out
 
 
-def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str, Any]:
-    """Run the text experiment into ``out_dir``; returns ``{"rows", "markdown", "files", ...}``.
-
-    Overrides: any preset key, e.g. ``seeds=[0]``, ``methods={"r8": ["head", "lora:8"]}``,
-    ``lr=3e-3`` or ``lr={"surm:circulant": 1e-2}``, ``store=...`` (the run cache, default
-    ``<out_dir>/../runs``), ``fresh=True`` (retrain cached runs).
-    """
-    config = common.resolve_preset("nlp", PRESETS, preset, overrides)
-    out_dir = Path(out_dir)
-    records, wall = common.run_preset(specs(config), config, out_dir, "nlp")
-    rows = common.aggregate(records)
-    markdown = report(rows, config, preset, wall, records)
-    png = out_dir / "nlp.png"
+def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
+    """Run the text experiment into ``out_dir``."""
+    records, wall = runner.run_all(specs(config), "nlp", config.threads)
+    rows = report.aggregate(records)
+    markdown = tables(rows, config, wall, records)
     out_dir.mkdir(parents=True, exist_ok=True)
-    panels = {DATASET_NAMES.get(d, d): [r for r in rows if r["dataset"] == d] for d in config["methods"]}
-    common.plot_accuracy_vs_params(panels, png, title=f"MiniLM fine-tuning ({preset} preset)")
-    if "r8" in config["methods"]:
-        common.plot_accuracy_vs_params({"R8": panels["R8"]}, out_dir / "nlp_r8_f1.png", metric="macro_f1")
-    payload = {"experiment": "nlp", "preset": preset, "config": config, "wall_seconds": wall,
-               "run_seconds": sum(r["seconds"] for r in records), "rows": rows, "runs": records}
-    files = common.write_outputs(out_dir, "nlp", payload, markdown)
-    return {"experiment": "nlp", "rows": rows, "markdown": markdown, "wall_seconds": wall,
-            "files": [*files.values(), png]}
+    panels = {_panel_title(rows, d): [r for r in rows if r.dataset == d] for d in config.methods}
+    figures = [plots.accuracy_vs_params(
+        panels, out_dir / "nlp.png",
+        title=f"{MODEL_NAMES.get(config.model, config.model)} fine-tuned for text classification ({config.name} preset): "
+              f"test accuracy against trainable parameters")]
+    if "r8" in config.methods:
+        figures.append(plots.accuracy_vs_params(
+            {_panel_title(rows, "r8"): panels[_panel_title(rows, "r8")]}, out_dir / "nlp_r8_f1.png", metric="macro_f1",
+            title="R8 (eight imbalanced topics): test macro-F1 against trainable parameters"))
+    payload = {"experiment": "nlp", "preset": config.name, "config": config, "wall_seconds": wall,
+               "run_seconds": sum(r.seconds for r in records), "rows": rows, "runs": records}
+    return report.write(out_dir, "nlp", payload, markdown, figures)
 
 
-def report(rows: list[dict[str, Any]], config: dict[str, Any], preset: str, wall: float,
-           records: list[dict[str, Any]]) -> str:
+def _panel_title(rows: list[report.Row], dataset: str) -> str:
+    n_train = next(r.n_train for r in rows if r.dataset == dataset)
+    return f"{DATASET_NAMES.get(dataset, dataset)} ({n_train:,} training examples)"
+
+
+def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list[RunRecord]) -> str:
     """Markdown: one table per data set (methods by parameters) and the run sizes."""
-    lines = [f"# MiniLM text classification ({preset} preset)\n"]
-    for dataset in config["methods"]:
-        drows = [r for r in rows if r["dataset"] == dataset]
-        lora8 = next((r["adapter_params"] for r in drows if r["method"] == "lora:8"), None)
+    lines = [f"# MiniLM text classification ({config.name} preset)\n"]
+    for dataset in config.methods:
+        drows = [r for r in rows if r.dataset == dataset]
+        lora8 = next((r.adapter_params for r in drows if r.method == LORA_8), None)
         r0 = drows[0]
         lines.append(
-            f"\n## {DATASET_NAMES.get(dataset, dataset)}: {r0['n_train']} training examples, "
-            f"{r0['n_test']} test, seeds {r0['seeds']}\n"
+            f"\n## {DATASET_NAMES.get(dataset, dataset)}: {r0.n_train} training examples, "
+            f"{r0.n_test} test, seeds {r0.seeds}\n"
         )
         header = ["method", "params (no head)", "vs LoRA r=8", "lr", "test accuracy %", "macro-F1 %", "train s"]
         table = []
-        std = len(r0["seeds"]) > 1
+        std = len(r0.seeds) > 1
         for r in drows:
-            ratio = f"{r['adapter_params'] / lora8:.3f}x" if lora8 and r["adapter_params"] else "—"
-            table.append([r["label"], common.fmt_params(r["adapter_params"]), ratio, common.fmt_lr(r),
-                          common.fmt_pct(r["accuracy"], std), common.fmt_pct(r["macro_f1"], std),
-                          f"{r['train_seconds'][0]:.0f}"])
-        lines.append(common.markdown_table(header, table))
-        lines += [f"\n- {line}" for line in common.versus(drows, "lora:8")]
+            ratio = f"{r.adapter_params / lora8:.3f}x" if lora8 and r.adapter_params else "—"
+            table.append([r.label + report.stored_mark(r.stored, len(r.seeds)), report.fmt_params(r.adapter_params),
+                          ratio, report.fmt_lr(r.lr, r.head_lr), report.fmt_pct(r.accuracy, std),
+                          report.fmt_pct(r.macro_f1, std), f"{r.train_seconds[0]:.0f}"])
+        lines.append(report.markdown_table(header, table))
+        lines += [f"\n- {line}" for line in report.versus(drows, LORA_8)]
         lines.append("\n" if lora8 else "")
     lines.append(
         f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
-        f"trains ({'; '.join(_head_sizes(records))}). {len(records)} runs; wall time {common.fmt_duration(wall)} "
-        f"(sum of the runs' own times {common.fmt_duration(sum(r['seconds'] for r in records))}; the wall time is "
-        f"less when runs came from the store). Max sequence length 64, batch {config['batch_size']}, {config['epochs']:g} epoch(s), AdamW, "
+        f"trains ({'; '.join(_head_sizes(records))}). {len(records)} runs; wall time {report.fmt_duration(wall)} "
+        f"(sum of the runs' own times {report.fmt_duration(sum(r.seconds for r in records))}; the wall time is "
+        f"less when runs came from the store). Max sequence length 64, batch {config.batch_size}, {config.epochs:g} epoch(s), AdamW, "
         f"linear schedule with 6 % warm-up, weight decay 0.01.\n"
     )
+    lines.append(report.stored_note(records))
     return "".join(lines)
 
 
-def _head_sizes(records: list[dict[str, Any]]) -> list[str]:
-    sizes = {}
-    for r in records:
-        if r["method"] == "head":
-            sizes[r["spec"]["dataset"]] = r["trainable_params"]
+def _head_sizes(records: list[RunRecord]) -> list[str]:
+    sizes = {r.spec.dataset: r.trainable_params for r in records if r.method.kind == "head"}
     return [f"{DATASET_NAMES.get(d, d)} head {n:,}" for d, n in sizes.items()]

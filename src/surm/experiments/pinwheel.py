@@ -1,4 +1,4 @@
-"""The synthetic pinwheel experiment (SPEC §5.2): LoRA against SURM at equal parameters.
+"""The synthetic pinwheel experiment (the paper's section 5.2): LoRA against SURM at equal parameters.
 
 A small MLP ``2 -> d -> d -> 5`` on the 5-class 2-D pinwheel data set. The hidden ``d x d``
 layer ("hidden") is frozen at its base value W0 and only an update on it is trained:
@@ -29,66 +29,102 @@ Regimes (what the frozen base network is):
   layers are trained as well. Shows that with trainable neighbours the adapted layer's
   capacity hardly matters on this task.
 
-``run(out_dir, preset)`` writes ``pinwheel.json`` (config, summary, loss curves),
+Methods are strings of :func:`surm.methods.parse` applied to the one layer: ``head`` (no
+update: in this MLP nothing trains, or in regime ``others_trainable`` only the neighbours),
+``full`` (the layer's weight trains), ``lora:R:alpha=A`` (PEFT's LoRA) and
+``surm:STRUCTURE[:knobs]`` (parallel SURM, alpha 1).
+
+``run(config, out_dir, runner)`` writes ``pinwheel.json`` (settings, summary, loss curves),
 ``pinwheel.md`` (the table) and ``pinwheel.png`` (data, loss curves, decision regions).
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
+from surm import methods as surm_methods
+from surm import progress
+from surm.methods import Method, parse
+
+from . import plots, report
+from .presets import Preset, setting
+from .runs import threads
+from .store import Runner
+
 CLASSES = 5
 LAYER = "hidden"  # the adapted layer's module name in PinwheelMLP
 REGIMES = ("random", "pretrained", "others_trainable")
+#: Where LoRA and SURM go: the hidden layer; the MLP has no head that every method trains.
+PROFILE = surm_methods.Profile(head=None, parallel=[LAYER], lora=[LAYER])
+KINDS = ("head", "full", "lora", "surm")
 
-#: methods, in table order: "full" trains the layer's weight, "frozen" trains no update,
-#: "lora:r" is PEFT's LoRA of rank r, any other name is a SURM structure ("ldr:r" with rank r).
-METHODS = ("frozen", "full", "lora:1", "lora:4", "circulant", "symmetric_toeplitz", "toeplitz", "ldr:1")
+#: the methods, in table order; LoRA's alpha equals its rank (scale 1), SURM's alpha is 1
+METHODS = ("head", "full", "lora:1:alpha=1", "lora:4:alpha=4", "surm:circulant", "surm:symmetric_toeplitz",
+           "surm:toeplitz", "surm:ldr:rank=1")
 
 #: Adam learning rates per method: the best final training loss of a sweep over {3e-3, 1e-2,
 #: 3e-2, 1e-1, 3e-1} (full preset, tanh, regime "random") on seeds 100 and 101, disjoint from
-#: the reported seeds 0-4; docs/pinwheel.md has the sweep. Unlisted methods use "default".
+#: the reported seeds 0-4; docs/pinwheel.md has the sweep. Unlisted methods take ``lr_default``.
 LEARNING_RATES: dict[str, float] = {
-    "default": 3e-2,
     "full": 1e-1,
-    "lora:1": 3e-2,
-    "lora:4": 1e-1,
-    "circulant": 3e-2,
-    "symmetric_toeplitz": 3e-1,
-    "toeplitz": 3e-1,
-    "ldr:1": 3e-2,
+    "lora:1:alpha=1": 3e-2,
+    "lora:4:alpha=4": 1e-1,
+    "surm:circulant": 3e-2,
+    "surm:symmetric_toeplitz": 3e-1,
+    "surm:toeplitz": 3e-1,
+    "surm:ldr:rank=1": 3e-2,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": dict(width=16, n_per_class=20, steps=20, seeds=(0,), log_every=1, pretrain_steps=20, grid=40),
-    "quick": dict(width=64, n_per_class=200, steps=300, seeds=(0, 1), log_every=5, pretrain_steps=500, grid=120),
-    "full": dict(width=64, n_per_class=200, steps=1000, seeds=(0, 1, 2, 3, 4), log_every=5, pretrain_steps=1000, grid=200),
-}
 
-DEFAULTS: dict[str, Any] = dict(
-    regime="random",
-    activation="tanh",
-    methods=METHODS,
-    lr=LEARNING_RATES,
-    radial_std=0.3,
-    tangential_std=0.05,
-    rate=0.25,
-    data_seed=0,
-    pretrain_lr=1e-2,
-    regions=("full", "lora:1", "circulant", "toeplitz"),
-    threads=1,
-    progress=True,
-    plot=True,
-)
+@dataclass(frozen=True, kw_only=True)
+class PinwheelPreset(Preset):
+    """The pinwheel experiment's settings."""
+
+    width: int = setting(64, "hidden width d of the MLP 2 -> d -> d -> 5")
+    n_per_class: int = setting(200, "training points per class (the test set is a second draw)")
+    steps: int = setting(300, "full-batch Adam steps on the update")
+    seeds: tuple[int, ...] = setting((0, 1), "seeds: base network, adapter initialisation")
+    log_every: int = setting(5, "record the training loss every this many steps")
+    pretrain_steps: int = setting(500, "steps of phase 1 in regime pretrained")
+    grid: int = setting(120, "decision-region grid points per side")
+    regime: Literal["random", "pretrained", "others_trainable"] = setting(
+        "random", "the frozen base network: random, pretrained or others_trainable (module docstring)")
+    activation: Literal["tanh", "relu", "gelu"] = setting("tanh", "the MLP's activation")
+    methods: tuple[Method, ...] = setting(METHODS, "method strings: head, full, lora:R[:alpha=A], surm:STRUCTURE")
+    lr: float | dict[Method, float] = setting(LEARNING_RATES, "Adam rate: one for every method, or {method: lr}")
+    lr_default: float = setting(3e-2, "the rate of a method that lr (a dict) does not list")
+    radial_std: float = setting(0.3, "pinwheel: radial noise of the arms")
+    tangential_std: float = setting(0.05, "pinwheel: tangential noise of the arms")
+    rate: float = setting(0.25, "pinwheel: how fast the arms turn with the radius")
+    data_seed: int = setting(0, "seed of the training points (data_seed + 1: the test points)")
+    pretrain_lr: float = setting(1e-2, "Adam rate of phase 1 in regime pretrained")
+    regions: tuple[Method, ...] = setting(
+        ("full", "lora:1:alpha=1", "surm:circulant", "surm:toeplitz"), "methods whose decision regions are drawn")
+    threads: int | None = setting(1, "torch threads (small matrices: 1 is fastest)")
+    plot: bool = setting(True, "draw pinwheel.png")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for method in self.methods:
+            if method.kind not in KINDS or method.placement != "parallel":
+                raise ValueError(f"methods: the pinwheel applies {', '.join(KINDS)} (parallel) to one layer, "
+                                 f"not {method.name}")
+
+
+PRESETS: dict[str, PinwheelPreset] = {
+    "smoke": PinwheelPreset(name="smoke", width=16, n_per_class=20, steps=20, seeds=(0,), log_every=1,
+                            pretrain_steps=20, grid=40),
+    "quick": PinwheelPreset(name="quick"),
+    "full": PinwheelPreset(name="full", steps=1000, seeds=(0, 1, 2, 3, 4), pretrain_steps=1000, grid=200),
+}
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -140,17 +176,9 @@ class PinwheelMLP(nn.Module):
         return self.out(act(self.hidden(act(self.inp(x)))))
 
 
-def parse_method(method: str) -> tuple[str, dict[str, int]]:
-    """``"lora:4"`` -> ``("lora", {"rank": 4})``; ``"circulant"`` -> ``("circulant", {})``."""
-    name, _, rank = method.partition(":")
-    return name, ({"rank": int(rank)} if rank else {})
-
-
-def label(method: str) -> str:
-    name, knobs = parse_method(method)
-    fixed = {"full": "full layer", "frozen": "frozen (no update)", "lora": "LoRA", "ldr": "LDR"}
-    text = fixed.get(name, name.replace("_", " "))
-    return f"{text} r={knobs['rank']}" if knobs else text
+def label(method: Method) -> str:
+    """The method's label, with the pinwheel's words for ``head`` and ``full``."""
+    return {"head": "frozen (no update)", "full": "full layer"}.get(method.kind, method.label)
 
 
 def _is_adapted(param_name: str) -> bool:
@@ -158,28 +186,21 @@ def _is_adapted(param_name: str) -> bool:
     return param_name.startswith(f"{LAYER}.") or f".{LAYER}." in param_name
 
 
-def adapt(base: nn.Module, method: str, regime: str = "random", adapter_seed: int = 0) -> nn.Module:
+def adapt(base: nn.Module, method: Method | str, regime: str = "random", adapter_seed: int = 0) -> nn.Module:
     """A copy of ``base`` set up for ``method``: the requested update on the hidden layer, and
     ``requires_grad`` exactly on what trains (plus the input and output layers in regime
     ``"others_trainable"``)."""
-    import peft  # heavy; imported where needed
+    import peft
 
-    import surm  # registers SURM with PEFT
-
+    method = parse(method)
     model = copy.deepcopy(base)
     for p in model.parameters():
         p.requires_grad_(False)
-    name, knobs = parse_method(method)
     torch.manual_seed(adapter_seed)
-    if name == "full":
+    if method.kind == "full":
         model.hidden.weight.requires_grad_(True)
-    elif name == "lora":
-        r = knobs["rank"]
-        cfg = peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=[LAYER])
-        model = peft.get_peft_model(model, cfg)
-    elif name != "frozen":
-        cfg = surm.SurmConfig(structure=name, target_modules=[LAYER], alpha=1.0, **knobs)
-        model = peft.get_peft_model(model, cfg)
+    elif method.kind != "head":
+        model = peft.get_peft_model(model, surm_methods.peft_config(method, PROFILE))
     if regime == "others_trainable":
         for n, p in model.named_parameters():
             if not _is_adapted(n):
@@ -197,13 +218,14 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return adapted, total
 
 
-def parameter_counts(width: int = 64, methods: Sequence[str] = METHODS, regime: str = "random") -> dict[str, dict[str, int]]:
-    """``{method: {"adapted": n, "trainable": n}}`` read off the actual models."""
+def parameter_counts(width: int = 64, methods: Sequence[Method | str] = METHODS,
+                     regime: str = "random") -> dict[str, dict[str, int]]:
+    """``{method string: {"adapted": n, "trainable": n}}`` read off the actual models."""
     base = PinwheelMLP(width)
     out = {}
-    for method in methods:
+    for method in map(parse, methods):
         adapted, total = count_params(adapt(base, method, regime))
-        out[method] = {"adapted": adapted, "trainable": total}
+        out[method.name] = {"adapted": adapted, "trainable": total}
     return out
 
 
@@ -249,98 +271,74 @@ def base_model(
     return base, curve[-1]
 
 
-def _lr_for(method: str, lr: float | dict[str, float]) -> float:
-    if isinstance(lr, dict):
-        return float(lr.get(method, lr.get("default", 1e-2)))
-    return float(lr)
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std(unbiased=True).item() if len(values) > 1 else 0.0)
+def lr_of(config: PinwheelPreset, method: Method) -> float:
+    """The Adam rate of ``method``: ``config.lr`` (one value, or its entry), else ``lr_default``."""
+    if isinstance(config.lr, dict):
+        return float(config.lr.get(method, config.lr_default))
+    return float(config.lr)
 
 
 # -- the experiment --------------------------------------------------------------------------
-def run(out_dir: Path | str, preset: str = "full", **overrides: Any) -> dict[str, Any]:
-    """Run the pinwheel comparison, write pinwheel.json / .md / .png into ``out_dir``, return the summary.
+def run(config: PinwheelPreset, out_dir: Path, runner: Runner) -> report.Outcome:
+    """Run the pinwheel comparison; writes pinwheel.json / .md / .png into ``out_dir``.
 
-    Presets: "smoke" (seconds, for tests), "quick" (2 seeds, 300 steps), "full" (5 seeds,
-    1000 steps). Any key of the preset or of ``DEFAULTS`` can be overridden, e.g.
-    ``run(out, "quick", regime="pretrained", seeds=(7,))``; ``lr`` takes a float or a dict
-    ``{method: lr, "default": lr}``.
+    The runs are small and quick, so they are not kept in the run store; ``runner`` gives the
+    progress setting. The outcome's payload holds the ``summary`` (per method: parameters,
+    final loss, accuracies), the logged ``steps`` and the loss ``curves``.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"pinwheel: unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-    cfg = {**DEFAULTS, **PRESETS[preset]}
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise TypeError(f"pinwheel: unknown override(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(cfg))}")
-    cfg.update(overrides)
-    if cfg["regime"] not in REGIMES:
-        raise ValueError(f"pinwheel: regime must be one of {REGIMES}, got {cfg['regime']!r}")
-    cfg["methods"], cfg["seeds"], cfg["regions"] = list(cfg["methods"]), list(cfg["seeds"]), list(cfg["regions"])
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    from tqdm.auto import tqdm
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(cfg["threads"])
     start = time.perf_counter()
-    try:
-        data_kw = {k: cfg[k] for k in ("n_per_class", "radial_std", "tangential_std", "rate")}
-        x, y = pinwheel(seed=cfg["data_seed"], **data_kw)
-        x_test, y_test = pinwheel(seed=cfg["data_seed"] + 1, **data_kw)
-        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg["methods"]}
-        counts: dict[str, tuple[int, int]] = {}
+    with threads(config.threads):
+        data_kw = dict(n_per_class=config.n_per_class, radial_std=config.radial_std,
+                       tangential_std=config.tangential_std, rate=config.rate)
+        x, y = pinwheel(seed=config.data_seed, **data_kw)
+        x_test, y_test = pinwheel(seed=config.data_seed + 1, **data_kw)
+        runs: dict[Method, list[dict[str, Any]]] = {m: [] for m in config.methods}
+        counts: dict[Method, tuple[int, int]] = {}
         pretrained: list[float] = []
-        kept: dict[str, nn.Module] = {}
-        bar = tqdm(total=len(cfg["seeds"]) * len(cfg["methods"]), desc="pinwheel", disable=not cfg["progress"])
-        for seed in cfg["seeds"]:
-            base, pre_loss = base_model(seed, cfg["width"], cfg["regime"], x, y, cfg["pretrain_steps"], cfg["pretrain_lr"],
-                                        cfg["activation"])
+        kept: dict[Method, nn.Module] = {}
+        bar = progress.bar(len(config.seeds) * len(config.methods), "pinwheel", disable=not runner.progress)
+        for seed in config.seeds:
+            base, pre_loss = base_model(seed, config.width, config.regime, x, y, config.pretrain_steps,
+                                        config.pretrain_lr, config.activation)
             if pre_loss is not None:
                 pretrained.append(pre_loss)
-            for method in cfg["methods"]:
-                bar.set_postfix_str(f"seed {seed} {method}")
-                model = adapt(base, method, cfg["regime"], adapter_seed=seed + 10_000)
+            for method in config.methods:
+                bar.set_postfix_str(f"seed {seed} {method}", refresh=False)
+                model = adapt(base, method, config.regime, adapter_seed=seed + 10_000)
                 counts[method] = count_params(model)
                 t0 = time.perf_counter()
-                curve = train(model, x, y, cfg["steps"], _lr_for(method, cfg["lr"]), cfg["log_every"])
+                curve = train(model, x, y, config.steps, lr_of(config, method), config.log_every)
                 loss, acc = _evaluate(model, x, y)
                 _, test_acc = _evaluate(model, x_test, y_test)
                 runs[method].append(dict(seed=seed, curve=curve, loss=loss, acc=acc, test_acc=test_acc,
                                          seconds=time.perf_counter() - t0))
-                if seed == cfg["seeds"][0] and method in cfg["regions"]:
+                if seed == config.seeds[0] and method in config.regions:
                     kept[method] = model
                 bar.update()
         bar.close()
         wall = time.perf_counter() - start
-    finally:
-        torch.set_num_threads(threads)
 
-    summary = _summarise(cfg, preset, runs, counts, pretrained, wall)
-    steps_logged = list(range(0, cfg["steps"], cfg["log_every"])) + [cfg["steps"]]
+    summary = _summarise(config, runs, counts, pretrained, wall)
+    steps_logged = list(range(0, config.steps, config.log_every)) + [config.steps]
     curves = {}
     for method, rs in runs.items():
         stack = torch.tensor([r["curve"] for r in rs], dtype=torch.float64)
         if stack.shape[1] == 1:  # nothing trained: a flat line
             stack = stack.expand(-1, len(steps_logged))
-        curves[method] = {
+        curves[method.name] = {
             "mean": _round(stack.mean(0).tolist()),
             "std": _round((stack.std(0) if len(rs) > 1 else torch.zeros(stack.shape[1])).tolist()),
             "runs": [_round(row) for row in stack.tolist()],
         }
-    config = {k: (v if not isinstance(v, tuple) else list(v)) for k, v in cfg.items() if k not in ("progress", "plot")}
-    payload = {"experiment": "pinwheel", "config": config, "versions": _versions(), "summary": summary,
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("name", "plot")}
+    payload = {"experiment": "pinwheel", "preset": config.name, "config": settings, "versions": _versions(), "summary": summary,
                "steps": steps_logged, "curves": curves}
-    # one line per top-level key: the summary stays readable, the curves stay small
-    lines = [f" {json.dumps(k)}: {json.dumps(v, indent=1 if k == 'summary' else None)}" for k, v in payload.items()]
-    (out_dir / "pinwheel.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
-    (out_dir / "pinwheel.md").write_text(markdown_table(summary))
-    if cfg["plot"]:
-        plot(out_dir / "pinwheel.png", x, y, steps_logged, curves, summary, kept, grid=cfg["grid"])
-    return summary
+    figures = []
+    if config.plot:
+        figures.append(plot(out_dir / "pinwheel.png", x, y, steps_logged, curves, summary, kept, grid=config.grid))
+    return report.write(out_dir, "pinwheel", payload, tables(summary), figures,
+                        one_line=[k for k in payload if k != "summary"])
 
 
 def _versions() -> dict[str, str]:
@@ -355,17 +353,17 @@ def _round(values: Sequence[float], digits: int = 4) -> list[float]:
     return [float(f"{v:.{digits}g}") for v in values]
 
 
-def _summarise(cfg, preset, runs, counts, pretrained, wall) -> dict[str, Any]:
+def _summarise(config: PinwheelPreset, runs, counts, pretrained, wall) -> dict[str, Any]:
     methods = {}
     for method, rs in runs.items():
-        loss_mean, loss_std = _mean_std([r["loss"] for r in rs])
-        acc_mean, acc_std = _mean_std([r["acc"] for r in rs])
-        test_mean, test_std = _mean_std([r["test_acc"] for r in rs])
-        methods[method] = dict(
+        loss_mean, loss_std = report.mean_std(r["loss"] for r in rs)
+        acc_mean, acc_std = report.mean_std(r["acc"] for r in rs)
+        test_mean, test_std = report.mean_std(r["test_acc"] for r in rs)
+        methods[method.name] = dict(
             label=label(method),
             adapted_params=counts[method][0],
             trainable_params=counts[method][1],
-            lr=_lr_for(method, cfg["lr"]) if counts[method][1] else None,
+            lr=lr_of(config, method) if counts[method][1] else None,
             final_loss_mean=loss_mean,
             final_loss_std=loss_std,
             train_acc_mean=acc_mean,
@@ -377,26 +375,22 @@ def _summarise(cfg, preset, runs, counts, pretrained, wall) -> dict[str, Any]:
         )
     summary = dict(
         experiment="pinwheel",
-        preset=preset,
-        regime=cfg["regime"],
-        activation=cfg["activation"],
-        width=cfg["width"],
-        n_train=CLASSES * cfg["n_per_class"],
-        steps=cfg["steps"],
-        seeds=list(cfg["seeds"]),
+        preset=config.name,
+        regime=config.regime,
+        activation=config.activation,
+        width=config.width,
+        n_train=CLASSES * config.n_per_class,
+        steps=config.steps,
+        seeds=list(config.seeds),
         wall_time_s=wall,
         methods=methods,
     )
     if pretrained:
-        summary["pretrained_loss_mean"], summary["pretrained_loss_std"] = _mean_std(pretrained)
+        summary["pretrained_loss_mean"], summary["pretrained_loss_std"] = report.mean_std(pretrained)
     return summary
 
 
-def _fmt_lr(lr: float | None) -> str:
-    return "–" if lr is None else f"{lr:g}"
-
-
-def markdown_table(summary: dict[str, Any]) -> str:
+def tables(summary: dict[str, Any]) -> str:
     """The results table (and a one-paragraph description of the run) as Markdown."""
     s = summary
     lines = [
@@ -411,31 +405,22 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if "pretrained_loss_mean" in s:
         lines += [f"Pretrained network's loss before the hidden layer is redrawn: "
                   f"{s['pretrained_loss_mean']:.4f} ± {s['pretrained_loss_std']:.4f}.", ""]
-    lines += [
-        "| method | params (adapted layer) | trainable params (all) | lr | final train loss | train acc | test acc |",
-        "|---|---:|---:|---:|---|---|---|",
-    ]
-    for m in s["methods"].values():
-        lines.append(
-            f"| {m['label']} | {m['adapted_params']} | {m['trainable_params']} | {_fmt_lr(m['lr'])} | "
-            f"{m['final_loss_mean']:.3f} ± {m['final_loss_std']:.3f} | "
-            f"{m['train_acc_mean']:.3f} ± {m['train_acc_std']:.3f} | {m['test_acc_mean']:.3f} ± {m['test_acc_std']:.3f} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["method", "params (adapted layer)", "trainable params (all)", "lr", "final train loss", "train acc",
+              "test acc"]
+    rows = [[m["label"], m["adapted_params"], m["trainable_params"], "–" if m["lr"] is None else f"{m['lr']:g}",
+             f"{m['final_loss_mean']:.3f} ± {m['final_loss_std']:.3f}",
+             f"{m['train_acc_mean']:.3f} ± {m['train_acc_std']:.3f}",
+             f"{m['test_acc_mean']:.3f} ± {m['test_acc_std']:.3f}"] for m in s["methods"].values()]
+    return "\n".join(lines) + "\n" + report.markdown_table(header, rows, align="lrrrlll")
 
 
 # -- plot ------------------------------------------------------------------------------------
-_COLORS = {"frozen": "0.6", "full": "k", "lora:1": "tab:red", "lora:4": "tab:pink", "circulant": "tab:blue",
-           "symmetric_toeplitz": "tab:cyan", "toeplitz": "tab:green", "ldr:1": "tab:purple"}
+def plot(path: Path, x, y, steps, curves, summary, kept: dict[Method, nn.Module], grid: int = 160) -> Path:
+    """Data set, mean ± std loss curves, and (first seed) decision regions of a few methods."""
+    from matplotlib import ticker
 
-
-def plot(path: Path, x, y, steps, curves, summary, kept: dict[str, nn.Module], grid: int = 160) -> None:
-    """Data set, mean ± std loss curves, and (seed 0) decision regions of a few methods."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
+    styles = plots.method_styles(parse(m) for m in curves)
     n_regions = len(kept)
     cols = max(n_regions, 3)
     fig = plt.figure(figsize=(3.2 * cols, 6.8 if n_regions else 3.6))
@@ -443,21 +428,18 @@ def plot(path: Path, x, y, steps, curves, summary, kept: dict[str, nn.Module], g
     ax = fig.add_subplot(gs[0, 0])
     palette = torch.tensor(plt.get_cmap("tab10").colors)  # class k has colour k everywhere
     ax.scatter(x[:, 0], x[:, 1], c=palette[y].numpy(), s=4)
-    ax.set_title(f"pinwheel data ({len(y)} points)")
+    ax.set_title(f"the pinwheel data ({len(y)} points, {CLASSES} classes)", fontsize=9)
     ax.set_aspect("equal")
     ax = fig.add_subplot(gs[0, 1:])
     for method, c in curves.items():
         m = summary["methods"][method]
         mean, std = torch.tensor(c["mean"]), torch.tensor(c["std"])
-        color = _COLORS.get(method)
-        ax.plot(steps, mean, color=color, lw=1.5,
-                label=f"{m['label']} ({m['adapted_params']} p): {m['final_loss_mean']:.3f}")
+        color = styles[parse(method)]["color"]
+        ax.plot(steps, mean, color=color, lw=1.5, label=f"{m['label']} ({m['adapted_params']} p): {m['final_loss_mean']:.3f}")
         ax.fill_between(steps, (mean - std).clamp_min(1e-6), mean + std, color=color, alpha=0.2, lw=0)
     ax.set_yscale("log")
     lowest = min(min(c["mean"]) for c in curves.values())
     ax.set_ylim(bottom=max(lowest, 1e-6) / 6)  # room for the legend below the curves
-    from matplotlib import ticker
-
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     low, high = ax.get_ylim()
     if high / low < 10:
@@ -465,10 +447,11 @@ def plot(path: Path, x, y, steps, curves, summary, kept: dict[str, nn.Module], g
     else:
         ax.yaxis.set_minor_formatter(ticker.NullFormatter())
     ax.set_xlabel("step (full batch)")
-    ax.set_ylabel("training cross-entropy")
-    ax.set_title(f"only the update on the hidden {summary['width']}x{summary['width']} layer trains "
-                 f"(regime {summary['regime']}, {len(summary['seeds'])} seed{'s' if len(summary['seeds']) > 1 else ''}, mean ± std)", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.set_ylabel("training cross-entropy (log scale)")
+    seeds = len(summary["seeds"])
+    ax.set_title(f"Training loss when only an update on the hidden {summary['width']}x{summary['width']} layer trains "
+                 f"(regime {summary['regime']}, mean ± std over {seeds} seed{'s' if seeds > 1 else ''})", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left", ncol=2, title="method (parameters): final loss", title_fontsize=7)
     ax.grid(alpha=0.3, which="both")
     if n_regions:
         lo, hi = x.min(0).values - 0.3, x.max(0).values + 0.3
@@ -487,20 +470,4 @@ def plot(path: Path, x, y, steps, curves, summary, kept: dict[str, nn.Module], g
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="pinwheel: LoRA vs SURM at equal parameters on one frozen MLP layer")
-    parser.add_argument("--out", type=Path, default=Path("results/pinwheel"))
-    parser.add_argument("--preset", choices=list(PRESETS), default="full")
-    parser.add_argument("--regime", choices=REGIMES, default="random")
-    parser.add_argument("--activation", choices=list(ACTIVATIONS), default=DEFAULTS["activation"])
-    args = parser.parse_args(argv)
-    summary = run(args.out, args.preset, regime=args.regime, activation=args.activation)
-    print(markdown_table(summary))
-
-
-if __name__ == "__main__":
-    main()
+    return plots.save(fig, path)

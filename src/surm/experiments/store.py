@@ -1,0 +1,119 @@
+"""The run store, and the runner that reads runs from it or trains them.
+
+A :class:`RunStore` is a folder of records, ``<key>.json`` (and ``<key>.deltas.safetensors``
+for runs made with ``save_deltas``), keyed by :attr:`RunSpec.key`: the spec's fields and the
+version of the code and libraries that ran it. So experiments share runs (``cka`` reuses the
+Rotten Tomatoes runs of ``nlp``, ``lowres`` those of its fractions that ``nlp`` made), and a
+run is read back only by the code that made it. The command line uses one store,
+:data:`surm.outputs.RUN_STORE`, whatever the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surm import progress
+
+from .runs import RunRecord, RunSpec, execute, threads
+
+__all__ = ["RunStore", "Runner"]
+
+
+class RunStore:
+    """Run records in the folder ``root`` (made when the first record is written)."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.root)!r})"
+
+    def _path(self, spec: RunSpec, suffix: str = ".json") -> Path:
+        return self.root / f"{spec.key}{suffix}"
+
+    def read(self, spec: RunSpec) -> RunRecord | None:
+        """The stored record of ``spec`` (``from_store=True``), or None; a run that must save
+        deltas counts as stored only with its deltas."""
+        path = self._path(spec)
+        if not path.is_file() or (spec.save_deltas and not self._path(spec, ".deltas.safetensors").is_file()):
+            return None
+        return RunRecord.from_json(json.loads(path.read_text()), from_store=True)
+
+    def write(self, record: RunRecord, deltas: dict[str, torch.Tensor] | None = None) -> Path:
+        """Store ``record`` (and its ``deltas``, if any); returns the record's path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        if deltas:
+            from safetensors.torch import save_file
+
+            save_file(deltas, str(self._path(record.spec, ".deltas.safetensors")))
+        path = self._path(record.spec)
+        path.write_text(json.dumps(record.to_json(), indent=1) + "\n")
+        return path
+
+    def deltas(self, spec: RunSpec) -> dict[str, torch.Tensor]:
+        """The saved ``W_finetuned - W0`` of a run made with ``save_deltas=True``."""
+        from safetensors.torch import load_file
+
+        return load_file(str(self._path(spec, ".deltas.safetensors")))
+
+
+@dataclass
+class Runner:
+    """Carries out an experiment's runs: reads each from ``store`` (None: no store) unless
+    ``fresh``, trains and stores the others; ``progress`` draws progress bars.
+
+    Without a store, the deltas of the runs trained here are kept in memory, so an experiment
+    that needs them (cka) works without one.
+    """
+
+    store: RunStore | None = None
+    fresh: bool = False
+    progress: bool = True
+    _deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def run(self, spec: RunSpec) -> RunRecord:
+        """The record of ``spec``: from the store if it is there (and not ``fresh``), else trained."""
+        if self.store is not None and not self.fresh:
+            record = self.store.read(spec)
+            if record is not None:
+                return record
+        record, _, deltas = execute(spec, self.progress)
+        if self.store is not None:
+            self.store.write(record, deltas)
+        elif deltas:
+            self._deltas[spec.key] = deltas
+        return record
+
+    def run_all(self, specs: Sequence[RunSpec], desc: str, n_threads: int | None = None) -> tuple[list[RunRecord], float]:
+        """:meth:`run` every spec under ``torch.set_num_threads(n_threads)`` with an outer
+        progress bar; ``(records in spec order, wall seconds)``."""
+        start = time.perf_counter()
+        records = []
+        with threads(n_threads):
+            # in a terminal an outer bar over the runs; in a log one line per run instead
+            outer = progress.bar(len(specs), desc, self.progress and progress.to_terminal())
+            for i, spec in enumerate(specs, 1):
+                label = f"{spec.dataset} {spec.method} seed {spec.seed}"
+                progress.note(f"{desc} [{i}/{len(specs)}] {label}", self.progress)
+                if outer is not None:
+                    outer.set_postfix_str(label)
+                records.append(self.run(spec))
+                if outer is not None:
+                    outer.update()
+            if outer is not None:
+                outer.close()
+        return records, time.perf_counter() - start
+
+    def deltas(self, spec: RunSpec) -> dict[str, torch.Tensor]:
+        """The weight changes of ``spec``, a run made with ``save_deltas`` (by :meth:`run`)."""
+        if spec.key in self._deltas:
+            return self._deltas[spec.key]
+        if self.store is None:
+            raise KeyError(f"no deltas of {spec.slug}: run it with save_deltas=True first")
+        return self.store.deltas(spec)
