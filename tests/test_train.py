@@ -156,16 +156,18 @@ def test_diverging_training_raises():
 
 
 def test_memory_tracker_sees_an_allocation():
-    import gc
+    import mmap
+    import time
 
-    gc.collect()  # garbage of earlier tests freed during the block would hide the growth
+    size = 64 * 2**20
+    # fresh pages from the kernel: a malloc'd block could reuse heap pages that earlier tests
+    # left resident, and then the resident set would not grow
     with train.MemoryTracker() as memory:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
-        block += 1
-        import time
-
+        block = mmap.mmap(-1, size)
+        for offset in range(0, size, mmap.PAGESIZE):
+            block[offset] = 1  # touch every page
         time.sleep(0.1)
-    del block
+    block.close()
     assert memory.growth_mb > 32 and "RSS" in memory.how
 
 
