@@ -81,7 +81,14 @@ class SurmConfig(PeftConfig):
             ``True``/``False`` forces one. Both compute the same function.
         knob_pattern (`dict`): per-module knob overrides, e.g.
             ``{"intermediate.dense": {"block_size": 128}}``; keys are regexes matched against
-            the end of module names, as LoRA's ``rank_pattern``.
+            the end of module names, as LoRA's ``rank_pattern`` (the first match wins).
+        structure_pattern (`dict`): per-module structures, e.g. ``{"intermediate.dense":
+            "low_rank"}``; keys are regexes matched against the end of module names (the first
+            match wins), modules no key matches take ``structure``. The top-level knobs
+            (``block_size``, ``rank``, ``factors``, ``terms``) belong to ``structure``: a module
+            given another structure takes its knobs from ``knob_pattern`` only (the family's
+            defaults fill the rest), and those must be knobs of that structure. ``surm.plan``
+            writes one entry per module (``re.escape`` of its full name).
         target_modules (`list[str]` or `str`, *optional*): the layers to adapt: names (matched
             by suffix), a regex, or ``"all-linear"`` (every Linear/Conv1D but the output
             head). ``None``: the default targets of the model type (attention query and
@@ -138,6 +145,12 @@ class SurmConfig(PeftConfig):
         metadata={"help": "Per-module knob overrides: {module-name regex: {knob: value}}, matched against the "
                   "end of module names."},
     )
+    structure_pattern: dict = field(
+        default_factory=dict,
+        metadata={"help": "Per-module structures: {module-name regex: structure}, matched against the end of "
+                  "module names (the first match wins; other modules take 'structure'). The top-level knobs "
+                  "belong to 'structure'; a module given another structure takes its knobs from knob_pattern."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None,
         metadata={"help": "Layers to adapt: names (suffix match), a regex, or 'all-linear'; None: the model "
@@ -180,18 +193,21 @@ class SurmConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("SurmConfig: layers_pattern is only used together with layers_to_transform")
-        self._check_knobs(self.knobs(), "")
+        self._check_knobs(self.knobs(), self.structure, "")
+        for pattern, name in self.structure_pattern.items():
+            _check_regex(pattern, "structure_pattern")
+            try:
+                structured.get(name)
+            except ValueError as err:
+                raise ValueError(f"SurmConfig: structure_pattern[{pattern!r}]: {err}") from None
         for pattern, overrides in self.knob_pattern.items():
             if not isinstance(overrides, dict):
                 raise ValueError(
                     f"SurmConfig: knob_pattern[{pattern!r}] must be a dict of knobs, got {overrides!r}; "
                     f"for example knob_pattern={{{pattern!r}: {{'block_size': 64}}}}"
                 )
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"SurmConfig: knob_pattern key {pattern!r} is not a valid regex: {err}") from None
-            self._check_knobs(overrides, f" in knob_pattern[{pattern!r}]")
+            _check_regex(pattern, "knob_pattern")
+            self._check_pattern_knobs(pattern, overrides)
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's save, with a base model loaded from a package folder recorded by its public
@@ -224,6 +240,10 @@ class SurmConfig(PeftConfig):
         _expect(self.factors, "factors", lambda v: v is None or _is_factors(v), "((a1, a2), (b1, b2)) of positive integers, or None")
         _expect(self.knob_pattern, "knob_pattern", lambda v: isinstance(v, dict),
                 "a dict of module-name pattern -> dict of knobs, e.g. {'intermediate.dense': {'block_size': 64}}")
+        _expect(self.structure_pattern, "structure_pattern",
+                lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, str) for k, x in v.items()),
+                f"a dict of module-name pattern -> structure name, e.g. {{'intermediate.dense': 'low_rank'}}; "
+                f"structures: {structured.names()}")
         for pattern, overrides in self.knob_pattern.items():
             if not isinstance(overrides, dict):
                 continue  # reported with an example in __post_init__
@@ -240,13 +260,33 @@ class SurmConfig(PeftConfig):
                 "a layer index or a list of layer indices")
         _expect(self.layers_pattern, "layers_pattern", _is_names, "a string or a list of strings, e.g. 'layer'")
 
-    def _check_knobs(self, knobs: dict[str, Any], where: str) -> None:
-        accepted = structured.knob_names(self.structure)
+    def _check_knobs(self, knobs: dict[str, Any], structure: str, where: str) -> None:
+        accepted = structured.knob_names(structure)
         for knob in knobs:
             if knob not in accepted:
                 raise ValueError(
-                    f"SurmConfig: {knob!r}{where} is not a knob of structure {self.structure!r}; "
+                    f"SurmConfig: {knob!r}{where} is not a knob of structure {structure!r}; "
                     f"its knobs: {', '.join(accepted) or 'none'}"
+                )
+
+    def _check_pattern_knobs(self, pattern: str, overrides: dict[str, Any]) -> None:
+        """The knobs of ``knob_pattern[pattern]`` against the structure of the modules it can
+        reach: that of the same key in ``structure_pattern``, else any structure in use. Each
+        module is checked exactly, by its name, when the adapter is built."""
+        where = f" in knob_pattern[{pattern!r}]"
+        if pattern in self.structure_pattern:
+            self._check_knobs(overrides, self.structure_pattern[pattern], where)
+            return
+        in_use = list(dict.fromkeys([self.structure, *self.structure_pattern.values()]))
+        if len(in_use) == 1:
+            self._check_knobs(overrides, self.structure, where)
+            return
+        for knob in overrides:
+            if not any(knob in structured.knob_names(name) for name in in_use):
+                raise ValueError(
+                    f"SurmConfig: {knob!r}{where} is not a knob of any structure this config uses "
+                    f"({', '.join(in_use)}); "
+                    + "; ".join(f"{name}: {', '.join(structured.knob_names(name)) or 'none'}" for name in in_use)
                 )
 
     def knobs(self) -> dict[str, Any]:
@@ -254,15 +294,36 @@ class SurmConfig(PeftConfig):
         values = {"block_size": self.block_size, "rank": self.rank, "factors": self.factors, "terms": self.terms}
         return {k: v for k, v in values.items() if v is not None}
 
+    def structure_for(self, module_name: str) -> str:
+        """The structure of the module called ``module_name``: that of the first
+        ``structure_pattern`` key that matches the end of the name, else ``structure``."""
+        for pattern, name in self.structure_pattern.items():
+            if _matches_end(pattern, module_name):
+                return name
+        return self.structure
+
     def knobs_for(self, module_name: str) -> dict[str, Any]:
-        """Knobs for the module called ``module_name``: the defaults, overridden by the first
-        ``knob_pattern`` key that matches the end of the name."""
-        knobs = self.knobs()
+        """Knobs for the module called ``module_name``: the top-level knobs if the module has
+        the config's ``structure`` (none otherwise), overridden by the first ``knob_pattern``
+        key that matches the end of the name."""
+        knobs = self.knobs() if self.structure_for(module_name) == self.structure else {}
         for pattern, overrides in self.knob_pattern.items():
-            if re.match(rf"(.*\.)?({pattern})$", module_name):
+            if _matches_end(pattern, module_name):
                 knobs.update(overrides)
                 break
         return knobs
+
+
+def _matches_end(pattern: str, module_name: str) -> bool:
+    """Whether regex ``pattern`` matches the end of ``module_name`` at a name boundary."""
+    return re.match(rf"(.*\.)?({pattern})$", module_name) is not None
+
+
+def _check_regex(pattern: str, field_name: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"SurmConfig: {field_name} key {pattern!r} is not a valid regex: {err}") from None
 
 
 def _expect(value: Any, name: str, ok, expected: str) -> None:

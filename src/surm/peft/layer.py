@@ -95,7 +95,13 @@ def features(module: nn.Module) -> tuple[int, int]:
 
 def get_matrix(module: nn.Module) -> torch.Tensor:
     """The base weight as an (out, in) matrix (a view where possible)."""
-    return _weight_matrix(layer_kind(module), module.weight)
+    return matrix_of(module, module.weight)
+
+
+def matrix_of(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like ``module``'s weight (the weight itself, or its gradient) as an
+    (out, in) matrix (a view where possible)."""
+    return _weight_matrix(layer_kind(module), tensor)
 
 
 def _weight_matrix(kind: str, w: torch.Tensor) -> torch.Tensor:
@@ -136,7 +142,14 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         "surm_alpha", "surm_placement", "surm_activation", "surm_dropout", "surm_fused", "surm_signature"
     )
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: SurmConfig,
+        knobs: dict[str, Any],
+        structure: Optional[str] = None,
+    ) -> None:
         super().__init__()
         self.base_layer = base_layer
         base = self.get_base_layer()
@@ -158,7 +171,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.merged_adapters = []
         self._merge_snapshot: Optional[dict[str, Any]] = None
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, knobs)
+        self.update_layer(adapter_name, config, knobs, structure=structure)
 
     # -- building ----------------------------------------------------------------------
     def adapter_shape(self, placement: str) -> tuple[int, int]:
@@ -167,7 +180,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             return self.out_features, self.out_features
         return self.out_features, self.in_features
 
-    def update_layer(self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any]) -> None:
+    def update_layer(
+        self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any], structure: Optional[str] = None
+    ) -> None:
+        """Add adapter ``adapter_name``: a ``structure`` matrix (default: ``config.structure``;
+        the tuner passes the module's own, ``config.structure_for(name)``) with ``knobs``."""
         weight = self.get_base_layer().weight
         # The adapter takes the base weight's floating dtype. PEFT then raises half precision to
         # float32 unless get_peft_model(..., autocast_adapter_dtype=False); either way the FFTs
@@ -176,7 +193,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         device = weight.device if weight.device.type != "meta" else None
         m, n = self.adapter_shape(config.placement)
         self.surm_matrix[adapter_name] = structured.make(
-            config.structure, m, n, init=config.init, dtype=dtype, device=device, **knobs
+            structure or config.structure, m, n, init=config.init, dtype=dtype, device=device, **knobs
         )
         if config.placement == "serial":
             self.surm_bias[adapter_name] = nn.Parameter(torch.zeros(m, dtype=dtype, device=device))

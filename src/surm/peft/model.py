@@ -55,38 +55,22 @@ class SurmModel(BaseTuner):
         return peft_config
 
     def _prepare_model(self, peft_config: SurmConfig, model: nn.Module) -> None:
-        """Check every target before any layer is replaced, so a bad config changes nothing.
-        ``target_modules="all-linear"`` is expanded first, as PEFT does (every Linear and
-        Conv1D but the output head)."""
-        _maybe_include_all_linear_layers(peft_config, model)
-        modules = list(model.named_modules())
-        wrapped = tuple(k + "." for k, m in modules if k and isinstance(m, BaseTunerLayer))
-        matched, candidates = [], []
-        for key, module in modules:
-            if not key or key.startswith(wrapped):
-                continue
-            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-            if unsupported_reason(base) is None:
-                candidates.append(key)
-            result = check_target_module_exists(peft_config, key)
-            if result and not isinstance(result, _ExcludedModule):
-                matched.append((key, base))
-        if not matched:
-            _explain_filtered_targets(peft_config, [k for k, _ in modules if k and not k.startswith(wrapped)])
-            names = sorted({k.rsplit(".", 1)[-1] for k in candidates})
-            raise ValueError(
-                f"SurmConfig: target_modules={_show(peft_config.target_modules)} matched no module of this "
-                f"model. Adaptable layer names here: {', '.join(names) or 'none'} "
-                f"(full names such as {', '.join(candidates[:3])})."
-            )
-        for key, base in matched:
-            reason = unsupported_reason(base)
-            if reason:
-                raise TypeError(f"surm: cannot adapt {key}: {reason}. Leave it out of target_modules.")
+        """Check every target before any layer is replaced, so a bad config changes nothing:
+        each target's structure (``structure_pattern``) must take its knobs and fit its shape."""
+        for key, base in matched_targets(peft_config, model):
             n_in, n_out = features(base)
             m, n = (n_out, n_out) if peft_config.placement == "serial" else (n_out, n_in)
+            structure, knobs = peft_config.structure_for(key), peft_config.knobs_for(key)
+            accepted = structured.knob_names(structure)
+            foreign = [k for k in knobs if k not in accepted]
+            if foreign:
+                raise ValueError(
+                    f"surm: cannot adapt {key}: its structure is {structure!r} but knob_pattern gives it "
+                    f"{', '.join(foreign)} (knobs of {structure}: {', '.join(accepted) or 'none'}). Make the "
+                    f"knob_pattern key that matches {key} fit its structure, or give the module its own key."
+                )
             try:
-                structured.make(peft_config.structure, m, n, device="meta", **peft_config.knobs_for(key))
+                structured.make(structure, m, n, device="meta", **knobs)
             except (ValueError, TypeError) as err:
                 raise ValueError(
                     f"surm: cannot adapt {key} ({type(base).__name__} {n_in}->{n_out}, {peft_config.placement} "
@@ -105,10 +89,11 @@ class SurmModel(BaseTuner):
         **optional_kwargs: Any,
     ) -> None:
         knobs = peft_config.knobs_for(current_key)
+        structure = peft_config.structure_for(current_key)
         if isinstance(target, SurmLayer):
-            target.update_layer(adapter_name, peft_config, knobs)
+            target.update_layer(adapter_name, peft_config, knobs, structure=structure)
             return
-        new_module = SurmLayer(target, adapter_name, peft_config, knobs)
+        new_module = SurmLayer(target, adapter_name, peft_config, knobs, structure=structure)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
@@ -172,6 +157,41 @@ class SurmModel(BaseTuner):
         from .weighted import add_weighted_adapter
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type)
+
+
+def matched_targets(config: SurmConfig, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, base layer)`` of every module of ``model`` that ``config`` targets, in model
+    order, as PEFT will match them. ``target_modules="all-linear"`` is expanded first, as PEFT
+    does (every Linear and Conv1D but the output head), in ``config`` itself; modules inside
+    adapter layers are skipped. Raises ValueError when nothing matches (naming the layers that
+    exist, or the filters that removed every match) and TypeError for a layer SURM cannot
+    adapt."""
+    _maybe_include_all_linear_layers(config, model)
+    modules = list(model.named_modules())
+    wrapped = tuple(k + "." for k, m in modules if k and isinstance(m, BaseTunerLayer))
+    matched, candidates = [], []
+    for key, module in modules:
+        if not key or key.startswith(wrapped):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if unsupported_reason(base) is None:
+            candidates.append(key)
+        result = check_target_module_exists(config, key)
+        if result and not isinstance(result, _ExcludedModule):
+            matched.append((key, base))
+    if not matched:
+        _explain_filtered_targets(config, [k for k, _ in modules if k and not k.startswith(wrapped)])
+        names = sorted({k.rsplit(".", 1)[-1] for k in candidates})
+        raise ValueError(
+            f"SurmConfig: target_modules={_show(config.target_modules)} matched no module of this "
+            f"model. Adaptable layer names here: {', '.join(names) or 'none'} "
+            f"(full names such as {', '.join(candidates[:3])})."
+        )
+    for key, base in matched:
+        reason = unsupported_reason(base)
+        if reason:
+            raise TypeError(f"surm: cannot adapt {key}: {reason}. Leave it out of target_modules.")
+    return matched
 
 
 def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:

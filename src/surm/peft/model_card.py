@@ -72,6 +72,10 @@ def _body(config: "SurmConfig", base: str | None) -> str:
     import surm
 
     knobs = ", ".join(f"{k}={v}" for k, v in config.knobs().items()) or "the family's defaults"
+    if config.structure_pattern:
+        families = sorted(set(config.structure_pattern.values()))
+        knobs += (f"; per module (`structure_pattern`, {len(config.structure_pattern)} entries): "
+                  f"{', '.join(f'`{f}`' for f in families)}")
     targets = config.target_modules
     targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
     base_line = f"`{base}`" if base else "its base model"

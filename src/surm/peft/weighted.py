@@ -20,9 +20,13 @@ Both are exact. Serial adapters combine only with ``activation="identity"``, whe
 low_rank bottleneck ``alpha B (A h + c) + beta``, ``c = [c_i]``). With a nonlinearity a weighted
 sum of adapters is not the weighted sum of their updates, so that is refused.
 
-All adapters must share the structure, the placement and, in each layer, the knobs that fix
+All adapters must share the placement and, in each layer, the structure and the knobs that fix
 the matrix's layout (circulant ``block_size``, kronecker ``factors``); a mismatch is refused
-naming the adapters, the layer and the knob. A layer that only some of the adapters adapt
+naming the adapters, the layer and the knob. Adapters with per-module structures
+(``structure_pattern``, as ``surm.plan`` writes) combine layer by layer, each layer by its
+family's rule ("auto"; an explicit ``combination_type`` must fit every layer's family), as long
+as the adapters agree on the family of every layer they share; the new adapter's
+``structure_pattern`` names the layers whose family is not its ``structure``. A layer that only some of the adapters adapt
 gets the sum of those. The new adapter's :class:`SurmConfig` carries per-module knobs (e.g.
 the grown ``rank``/``terms``) in ``knob_pattern`` where they differ from its defaults, so it
 saves and loads like any other adapter. ``modules_to_save`` copies cannot be summed: at most
@@ -74,8 +78,9 @@ def add_weighted_adapter(
     docstring). Raises ValueError, changing nothing, when the adapters cannot be combined."""
     adapters, weights = _check_arguments(tuner, adapters, weights, adapter_name, combination_type)
     configs = [tuner.peft_config[a] for a in adapters]
-    structure, placement = configs[0].structure, configs[0].placement
-    _require_same(adapters, configs, "structure")
+    placement = configs[0].placement
+    if not any(cfg.structure_pattern for cfg in configs):
+        _require_same(adapters, configs, "structure")  # with structure_pattern: per layer, below
     _require_same(adapters, configs, "placement")
     if placement == "serial":
         for a, cfg in zip(adapters, configs):
@@ -85,26 +90,26 @@ def add_weighted_adapter(
                     f"so a weighted sum of adapters is not the weighted sum of their updates. Only serial "
                     f"adapters with activation='identity' (and parallel ones) combine."
                 )
-    linear = issubclass(structured.get(structure), structured.LinearStructuredMatrix)
-    method = _resolve_method(structure, linear, combination_type)
-    grow = None if method == "linear" else _CAT_RULES[structure][0]
 
     layers = _layers(tuner, adapters)
-    expected = {name: _expected_knobs(name, layer, adapters, grow) for name, layer in layers.items()}
+    families = {name: _family(name, layer, adapters) for name, layer in layers.items()}
+    methods = {name: _resolve_method(family, combination_type) for name, family in families.items()}
+    grows = {name: None if methods[name] == "linear" else _CAT_RULES[families[name]][0] for name in layers}
+    expected = {name: _expected_knobs(name, layer, adapters, grows[name]) for name, layer in layers.items()}
     sources = _modules_to_save_sources(tuner, adapters)
 
-    config = _new_config(tuner, adapters, configs, layers, expected, grow)
+    config = _new_config(tuner, adapters, configs, layers, families, expected, grows)
     active = list(tuner.active_adapters)
     tuner.peft_config[adapter_name] = config
     try:
         tuner.inject_adapter(tuner.model, adapter_name)
-        _check_injected(tuner, adapter_name, expected)
+        _check_injected(tuner, adapter_name, families, expected)
     except Exception:
         _discard(tuner, adapter_name, active)
         raise
     with torch.no_grad():
-        for layer in layers.values():
-            _fill(layer, adapters, weights, adapter_name, method)
+        for name, layer in layers.items():
+            _fill(layer, adapters, weights, adapter_name, methods[name])
         for wrapper, source in sources:
             if adapter_name in wrapper.modules_to_save:
                 wrapper.modules_to_save[adapter_name].load_state_dict(wrapper.modules_to_save[source].state_dict())
@@ -149,7 +154,8 @@ def _require_same(adapters: list[str], configs: list[SurmConfig], field: str) ->
             )
 
 
-def _resolve_method(structure: str, linear: bool, combination_type: str) -> str:
+def _resolve_method(structure: str, combination_type: str) -> str:
+    linear = issubclass(structured.get(structure), structured.LinearStructuredMatrix)
     if combination_type == "auto":
         return "linear" if linear else "cat"
     if combination_type == "linear" and not linear:
@@ -176,6 +182,22 @@ def _layers(tuner: "SurmModel", adapters: list[str]) -> dict[str, SurmLayer]:
     if not layers:
         raise ValueError(f"surm: no layer of the model holds any of the adapters {adapters}")
     return layers
+
+
+def _family(name: str, layer: SurmLayer, adapters: list[str]) -> str:
+    """The structure all adapters share in this layer (adapters with ``structure_pattern`` may
+    differ between layers, never within one); refuses adapters of different families here."""
+    present = [a for a in adapters if a in layer.surm_matrix]
+    ref = layer.surm_matrix[present[0]].name
+    for a in present[1:]:
+        family = layer.surm_matrix[a].name
+        if family != ref:
+            raise ValueError(
+                f"surm: cannot combine adapters {present[0]!r} ({ref}) and {a!r} ({family}) at {name}: all "
+                f"adapters must share the structure in every layer they both adapt (a weighted sum of a {ref} "
+                f"and a {family} matrix is neither)"
+            )
+    return ref
 
 
 def _expected_knobs(name: str, layer: SurmLayer, adapters: list[str], grow: str | None) -> dict[str, Any]:
@@ -220,13 +242,16 @@ def _new_config(
     adapters: list[str],
     configs: list[SurmConfig],
     layers: dict[str, SurmLayer],
+    families: dict[str, str],
     expected: dict[str, dict[str, Any]],
-    grow: str | None,
+    grows: dict[str, str | None],
 ) -> SurmConfig:
     first = configs[0]
     fields: dict[str, Any] = {"alpha": first.alpha if first.alpha != 0 else 1.0}
-    if grow is not None:  # the most common grown size is the default, the others go to knob_pattern
-        fields[grow] = Counter(k[grow] for k in expected.values()).most_common(1)[0][0]
+    own = [name for name in layers if families[name] == first.structure and grows[name] is not None]
+    if own:  # the most common grown size is the default, the others go to knob_pattern
+        grow = grows[own[0]]
+        fields[grow] = Counter(expected[name][grow] for name in own).most_common(1)[0][0]
     knob_pattern = dict(first.knob_pattern)
     nullable = {key for k in expected.values() for key, v in k.items() if v is None}
     for key in nullable:  # a knob left at None (circulant block_size) cannot be set per module
@@ -239,15 +264,26 @@ def _new_config(
     fields.update(_targeting(tuner, configs, set(layers)))
 
     config = dataclasses.replace(first, **fields, knob_pattern=knob_pattern)
-    explicit = {}
+    explicit_knobs, explicit_structures = {}, {}
     for name, layer in layers.items():
         m, n = layer.adapter_shape(first.placement)
-        built = structured.make(first.structure, m, n, device="meta", **config.knobs_for(name)).knobs()
-        if built != expected[name]:
-            explicit[re.escape(name)] = {k: v for k, v in expected[name].items() if v is not None}
-    if explicit:  # first in the dict (the first matching key wins), replacing an inherited equal key
-        inherited = {k: v for k, v in knob_pattern.items() if k not in explicit}
-        config = dataclasses.replace(config, knob_pattern={**explicit, **inherited})
+        structure, knobs = config.structure_for(name), config.knobs_for(name)
+        try:
+            built = (structure, structured.make(structure, m, n, device="meta", **knobs).knobs())
+        except (TypeError, ValueError):
+            built = None  # the inherited patterns do not build this layer: it is named explicitly
+        if built != (families[name], expected[name]):
+            explicit_knobs[re.escape(name)] = {k: v for k, v in expected[name].items() if v is not None}
+            if structure != families[name]:
+                explicit_structures[re.escape(name)] = families[name]
+    if explicit_knobs or explicit_structures:
+        # first in the dicts (the first matching key wins), replacing an inherited equal key
+        knob_pattern = {**explicit_knobs, **{k: v for k, v in knob_pattern.items() if k not in explicit_knobs}}
+        structure_pattern = {
+            **explicit_structures,
+            **{k: v for k, v in config.structure_pattern.items() if k not in explicit_structures},
+        }
+        config = dataclasses.replace(config, knob_pattern=knob_pattern, structure_pattern=structure_pattern)
     return config
 
 
@@ -282,12 +318,15 @@ def _selects(tuner: "SurmModel", config: SurmConfig, names: set[str]) -> bool:
 
 
 # -- injection and filling -----------------------------------------------------------------
-def _check_injected(tuner: "SurmModel", adapter_name: str, expected: dict[str, dict[str, Any]]) -> None:
+def _check_injected(
+    tuner: "SurmModel", adapter_name: str, families: dict[str, str], expected: dict[str, dict[str, Any]]
+) -> None:
     got = {
-        name: m.surm_matrix[adapter_name].knobs()
+        name: (m.surm_matrix[adapter_name].name, m.surm_matrix[adapter_name].knobs())
         for name, m in tuner.model.named_modules()
         if isinstance(m, SurmLayer) and adapter_name in m.surm_matrix
     }
+    expected = {name: (families[name], knobs) for name, knobs in expected.items()}
     if got != expected:  # pragma: no cover - the config was built to give exactly this
         raise RuntimeError(f"surm: the combined adapter's layers came out as {got}, expected {expected}")
 
