@@ -13,7 +13,7 @@ from surm.commands import main as cli
 from surm.commands.errors import UsageError
 
 HEAVY = ("torch", "peft", "transformers", "numpy", "matplotlib")
-COMMANDS = ("approx", "finetune", "reproduce", "bench")
+COMMANDS = ("approx", "finetune", "plan", "reproduce", "bench")
 
 # prints "<command>|<heavy modules imported>|<help length>" per command, in one process
 HELP_PROBE = """
@@ -42,6 +42,10 @@ def test_version(capsys):
         cli.main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.strip() == f"surm {__version__}"
+
+
+def test_every_command_is_checked_here():
+    assert [command.__name__.rsplit(".", 1)[-1] for command in cli.COMMANDS] == list(COMMANDS)
 
 
 def test_no_command_prints_help_and_fails(capsys):

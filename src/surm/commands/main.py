@@ -17,10 +17,10 @@ import sys
 from collections.abc import Sequence
 
 from surm._version import __version__
-from surm.commands import approx, bench, finetune, reproduce
+from surm.commands import approx, bench, finetune, plan, reproduce
 from surm.commands.errors import ArgumentParser, UsageError, error_line
 
-COMMANDS = (approx, finetune, reproduce, bench)
+COMMANDS = (approx, finetune, plan, reproduce, bench)
 
 
 def build_parser() -> ArgumentParser:
