@@ -196,3 +196,19 @@ def test_a_knob_that_reaches_a_module_of_another_structure_names_it():
         peft.get_peft_model(base, config)
     assert not any(isinstance(m, SurmLayer) for m in base.modules())
     assert all(torch.equal(a, b) for a, b in zip(base.state_dict().values(), pristine.state_dict().values()))
+
+
+def test_every_field_is_documented_in_the_docstring_the_help_and_the_method_page():
+    import dataclasses
+    from pathlib import Path
+
+    from peft.config import PeftConfig
+
+    page = (Path(__file__).parents[2] / "docs" / "method.md").read_text()
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)}
+    for f in dataclasses.fields(surm.SurmConfig):
+        if f.name in inherited:
+            continue
+        assert f"        {f.name} (`" in surm.SurmConfig.__doc__, f.name
+        assert f.metadata.get("help"), f.name
+        assert re.search(rf"^\| [^|]*`{f.name}`[^|]*\| `", page, re.MULTILINE), f.name  # a row of the field table
