@@ -209,3 +209,20 @@ def test_empty_batch_like_nn_linear_and_lora(structure, placement):
         grads = [p.grad for n, p in model.named_parameters() if "surm_" in n]
         assert grads and all(g is not None and not g.any() for g in grads)
         model.zero_grad()
+
+
+def test_unmerge_after_the_model_was_cast_restores_weights_in_the_new_dtype():
+    torch.manual_seed(0)
+    base = mlp()[0].float()
+    config = surm.SurmConfig(placement="serial", activation="identity", target_modules=["fc1"])
+    model = peft.get_peft_model(base, config)
+    x = torch.randn(4, 10)
+    train_steps(model, lambda m: m(x), steps=1)
+    original = model.base_model.model.fc1.base_layer.weight.detach().clone()
+    model.merge_adapter()
+    model.double()
+    model.unmerge_adapter()
+    weight = model.base_model.model.fc1.base_layer.weight
+    assert weight.dtype == torch.float64
+    assert torch.equal(weight, original.double())
+    model(torch.randn(3, 10, dtype=torch.float64))  # runs: weights and input agree

@@ -109,6 +109,12 @@ def _weight_matrix(kind: str, w: torch.Tensor) -> torch.Tensor:
     return w if kind == "linear" else (w.T if kind == "conv1d" else w[:, :, 0, 0])
 
 
+def _like(saved: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """A tensor saved at merge time on ``current``'s device and in its dtype: the model may have
+    been moved or cast (``model.to(...)``, ``.double()``) since."""
+    return saved.to(device=current.device, dtype=current.dtype)
+
+
 def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     """Write an (out, in) matrix back into the base weight, in the weight's dtype and layout."""
     kind = layer_kind(module)
@@ -341,11 +347,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             "bias": None if base.bias is None else base.bias.data.clone(),
         }
         merged = snap["names"] + names
-        W0 = snap["weight"]
+        W0 = _like(snap["weight"], base.weight)
         compute = torch.promote_types(W0.dtype, torch.float32)
         m = self.out_features
         W_h = _weight_matrix(self.kind, W0).to(compute)
-        b_h = snap["bias"].to(compute) if snap["bias"] is not None else W_h.new_zeros(m)
+        b_h = _like(snap["bias"], base.weight).to(compute) if snap["bias"] is not None else W_h.new_zeros(m)
         serial = []
         for a in (a for a in self.surm_matrix if a in merged):  # a fixed order: any grouping, same sums
             if self.surm_placement[a] == "parallel":
@@ -401,11 +407,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         if self._merge_snapshot is not None:
             snap, self._merge_snapshot = self._merge_snapshot, None
-            base.weight.data = snap["weight"]
+            base.weight.data = _like(snap["weight"], base.weight)
             if snap["bias"] is None:
                 base.bias = None
             else:
-                base.bias.data = snap["bias"]
+                base.bias.data = _like(snap["bias"], base.bias)
             self.merged_adapters = [a for a in self.merged_adapters if a not in snap["names"]]
         while self.merged_adapters:
             a = self.merged_adapters.pop()
