@@ -1,6 +1,7 @@
 """Loading a saved adapter: what the tensors are is checked against the config, and a failed
 load leaves the model exactly as it was."""
 
+import copy
 import json
 
 import peft
@@ -106,3 +107,23 @@ def test_failed_load_of_a_second_adapter_keeps_the_first(tmp_path):
         model.load_adapter(tmp_path / "b", adapter_name="other")
     assert list(model.peft_config) == ["default"]
     assert all("other" not in n for n, _ in model.named_parameters())
+
+
+def test_adapter_saved_without_signatures_loads_quietly_and_identically(tmp_path):
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    path = _saved(tmp_path, structure="toeplitz")
+    file = path / "adapter_model.safetensors"
+    tensors = {k: v for k, v in load_file(file).items() if not k.endswith("surm_signature")}
+    save_file(tensors, file, metadata={"format": "pt"})  # as adapters were saved before signatures
+    torch.manual_seed(1)
+    base = mlp()[0]
+    x = torch.randn(3, 10, dtype=torch.float64)
+    reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), _saved(tmp_path / "again", structure="toeplitz"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns "Found missing adapter keys" for a missing tensor
+        model = peft.PeftModel.from_pretrained(copy.deepcopy(base), path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)

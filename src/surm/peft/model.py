@@ -140,7 +140,7 @@ class SurmModel(BaseTuner):
                 f"surm: the adapter does not fit this base model: {problem}. Was it saved for a different "
                 f"base model or with other knobs?"
             )
-        return remapped
+        return _with_signatures(remapped, own, adapter_name, needs_prefix, prefix)
 
     def supports_lora_conversion(self, adapter_name: str | None = None) -> bool:
         """Whether PEFT's ``convert_to_lora`` can export ``adapter_name`` (default: the active
@@ -214,6 +214,21 @@ def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
         f"(and layers_pattern, the name of the module list that holds the layers, e.g. 'layer' or 'layers') "
         f"or the exclusions."
     )
+
+
+def _with_signatures(
+    remapped: dict[str, torch.Tensor], own: dict[str, torch.Tensor], adapter: str, needs_prefix: bool, prefix: str
+) -> dict[str, torch.Tensor]:
+    """An adapter saved before surm recorded signatures has none: give its layers the ones the
+    config builds (nothing to check against), so that PEFT does not report them missing."""
+    marker = f".surm_matrix.{adapter}."
+    modules = {key.split(marker)[0] for key in remapped if marker in key}
+    for module in modules:
+        key = f"{module}.surm_signature.{adapter}"
+        model_key = key if needs_prefix else key.removeprefix(prefix)
+        if key not in remapped and model_key in own:
+            remapped[key] = own[model_key].clone()
+    return remapped
 
 
 def _describe(signature: dict[str, Any]) -> str:
