@@ -11,7 +11,8 @@ from surm.commands import finetune, plan
 from surm.commands.errors import UsageError
 from surm.commands.main import build_parser, main
 
-TINY = ["--model", "tiny-bert", "--batches", "2", "--per-device-train-batch-size", "4", "--max-seq-length", "16"]
+TINY = ["--model", "tiny-bert", "--batches", "2", "--per-device-train-batch-size", "4", "--max-seq-length", "16",
+        "--quiet"]
 
 
 @pytest.fixture

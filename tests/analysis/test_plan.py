@@ -29,7 +29,7 @@ class Probe(nn.Module):
     def __init__(self, targets: dict[str, torch.Tensor]):
         super().__init__()
         self.targets = targets
-        self.layers = nn.ModuleDict({name: nn.Linear(M.shape[1], M.shape[0], bias=False) for name, M in targets.items()})
+        self.layers = nn.ModuleDict({n: nn.Linear(M.shape[1], M.shape[0], bias=False) for n, M in targets.items()})
         self.to(torch.float64).requires_grad_(False)
 
     def loss(self, batch: float) -> torch.Tensor:

@@ -25,9 +25,9 @@ common divisor b of the layer's widths up to LoRA r=16's count (``m n / b <= 16 
 Toeplitz and symmetric Toeplitz; Kronecker with 1, 2 and 4 terms (the family's automatic
 factors); low rank 1, 2, 4 and 8 (LoRA). LDR (ranks 1 and 2) only when named in
 ``structures``: it has no closed-form projection, its fit is an L-BFGS run (:data:`LDR_STEPS`
-iterations) whose every step builds r dense ``N x N`` products, seconds per layer at N = 1536,
-and its score is then only a lower bound (``<G, A>^2 / ||A||^2`` for the fitted A); at rank 1
-its fit starts from, and so never loses to, the circulant of half its parameters.
+iterations) whose every step builds r dense ``N x N`` products (6-18 s per 1536 x 384 layer on
+a 2-core CPU), and its score is then only a lower bound (``<G, A>^2 / ||A||^2`` for the fitted
+A); its fit starts from, and so never loses to, the circulant of half its parameters.
 
 The returned config targets exactly the chosen layers and names each by ``re.escape`` of its
 full name in ``structure_pattern`` and ``knob_pattern``; placement is parallel. Add
@@ -38,6 +38,7 @@ full name in ``structure_pattern`` and ``knob_pattern``; placement is parallel. 
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ from surm.peft.config import SurmConfig
 from surm.peft.layer import features, matrix_of
 from surm.peft.model import matched_targets
 from surm.peft.targets import default_targets
+from surm.progress import bar
 
 __all__ = [
     "DEFAULT_STRUCTURES",
@@ -89,7 +91,9 @@ _LDR_RANKS = (1, 2)
 # ---------------------------------------------------------------------------------------
 
 
-def target_layers(model: nn.Module, target_modules: Any = None, exclude_modules: Any = None) -> list[tuple[str, nn.Module]]:
+def target_layers(
+    model: nn.Module, target_modules: Any = None, exclude_modules: Any = None
+) -> list[tuple[str, nn.Module]]:
     """``(name, layer)`` of the layers a SURM config with these targets adapts, in model order:
     names, a regex or ``"all-linear"`` as in :class:`SurmConfig`; None: the model type's
     default (parallel) targets."""
@@ -123,8 +127,8 @@ def resolve_budget(budget: int | str, model: nn.Module) -> int:
         kind, _, rank = text.partition(":")
         if kind.lower() == "lora" and rank.isdigit() and int(rank) >= 1:
             return lora_budget(model, int(rank))
-    elif isinstance(budget, int) and not isinstance(budget, bool) and budget >= 0:
-        return budget
+    elif isinstance(budget, numbers.Integral) and not isinstance(budget, bool) and budget >= 0:
+        return int(budget)
     raise ValueError(
         f"surm.plan: budget must be a parameter count (an int >= 0, e.g. 9216) or 'lora:R' (the parameters of "
         f"LoRA rank R on the model's default LoRA targets, e.g. 'lora:8'); got {budget!r}"
@@ -157,6 +161,7 @@ def gradients(
     layers: Sequence[tuple[str, nn.Module]],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
+    progress: bool = False,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """``({name: G}, batches used)``: the mean over the batches of the loss gradient with
     respect to each layer's weight, as a float64 ``(out, in)`` matrix.
@@ -174,6 +179,8 @@ def gradients(
     grads = [(p, p.grad) for p in model.parameters()]
     sums = [torch.zeros(w.shape, dtype=torch.float64, device=w.device) for w in weights]
     used = 0
+    total = max_batches if max_batches is not None else (len(batches) if hasattr(batches, "__len__") else None)
+    shown = bar(total, "gradients", progress, inner=True)
     try:
         model.eval()
         for w in weights:
@@ -184,11 +191,15 @@ def gradients(
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(f"surm.plan: the loss must be a scalar tensor; got {_describe(loss)}")
                 parts = torch.autograd.grad(loss.reshape(()), weights, allow_unused=True)
-            for total, part in zip(sums, parts):
+            for acc, part in zip(sums, parts):
                 if part is not None:
-                    total += part.detach().to(torch.float64)
+                    acc += part.detach().to(torch.float64)
             used += 1
+            if shown is not None:
+                shown.update()
     finally:
+        if shown is not None:
+            shown.close()
         for module, training in modes.items():
             module.train(training)
         for p, flag in flags:
@@ -197,7 +208,7 @@ def gradients(
             p.grad = grad
     if used == 0:
         raise ValueError("surm.plan: no batches: pass at least one batch (max_batches >= 1)")
-    mean = {id(w): total / used for w, total in zip(weights, sums)}
+    mean = {id(w): acc / used for w, acc in zip(weights, sums)}
     return {name: matrix_of(layer, mean[id(layer.weight)]) for name, layer in layers}, used
 
 
@@ -443,9 +454,11 @@ def make_plan(
     structures: Sequence[str] | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
+    progress: bool = False,
 ) -> Plan:
     """:func:`plan` with everything it found: a :class:`Plan` (per-layer candidates and
-    energies, the choice, the totals, the time taken, and ``.config``)."""
+    energies, the choice, the totals, the time taken, and ``.config``); ``progress``: bars on
+    stderr for the batches and the layers scored."""
     start = time.perf_counter()
     names = _check_structures(structures)
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
@@ -453,11 +466,12 @@ def make_plan(
         raise ValueError(f"surm.plan: max_batches must be a positive integer or None, got {max_batches!r}")
     budget = resolve_budget(budget, model)
     layers = target_layers(model, target_modules, exclude_modules)
-    grads, used = gradients(model, batches, layers, loss_fn, max_batches)
+    grads, used = gradients(model, batches, layers, loss_fn, max_batches, progress)
     after_grads = time.perf_counter()
 
     planned = []
     cuda = sorted({G.device.index or 0 for G in grads.values() if G.device.type == "cuda"})
+    shown = bar(len(grads), "scoring layers", progress, inner=True)
     with torch.random.fork_rng(devices=cuda):  # the projections draw (unused) factors: keep the caller's RNG
         for name, G in grads.items():
             m, n = G.shape
@@ -466,6 +480,10 @@ def make_plan(
                 for c in candidates(m, n, names)
             )
             planned.append((name, (m, n), float((G * G).sum()), scored))
+            if shown is not None:
+                shown.update()
+    if shown is not None:
+        shown.close()
     after_scores = time.perf_counter()
     choices, _ = knapsack([[(c.params, c.energy) for c in scored] for *_, scored in planned], budget)
     layer_plans = tuple(
@@ -496,7 +514,7 @@ def plan(
 
     Args:
         model: the model to fine-tune (left unchanged: parameters, ``requires_grad``, ``.grad``,
-            train/eval mode).
+            train/eval mode; the global RNG too).
         batches: an iterable of batches; each is passed to ``loss_fn``. For a transformers model,
             dicts such as ``{"input_ids": ..., "attention_mask": ..., "labels": ...}``.
         budget: the most parameters all structured matrices together may have: an int, or

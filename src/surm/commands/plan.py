@@ -29,7 +29,7 @@ model's default LoRA targets (query and value for MiniLM: lora:1 = 9,216, lora:8
 
 structures (--structures): the families to choose from, default every family but ldr
 (circulant skew_circulant toeplitz symmetric_toeplitz kronecker low_rank); ldr has no closed-form
-projection, so naming it costs an L-BFGS fit per layer (seconds per layer on MiniLM).
+projection, so naming it costs an L-BFGS fit per layer (6-18 s per FFN-sized layer on a CPU).
 
 What it optimises: the first-order loss decrease a step restricted to each family can buy,
 ||P(G)||_F^2 for the layer's gradient G, summed over layers, with the adapters' parameters
@@ -51,7 +51,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("plan", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to plan")
-    what.add_argument("--data", default="rotten_tomatoes", help="data set the batches come from (default: rotten_tomatoes)")
+    what.add_argument("--data", default="rotten_tomatoes",
+                      help="data set the batches come from (default: rotten_tomatoes)")
     what.add_argument("--model",
                       help="minilm | tiny-bert (random, for tests) | efficientnet | a local transformers directory "
                            "(default: minilm for text, efficientnet for images)")
@@ -77,6 +78,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "--out", dest="output_dir", type=Path, metavar="DIR",
                      help="folder for adapter_config.json and plan.json (default: outputs/plan)")
+    out.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
 
@@ -102,7 +104,8 @@ def check_args(args: argparse.Namespace):
     from surm.experiments.runs import RunSpec
 
     budget = parse_budget(args.budget)
-    for flag, value in (("--batches", args.batches), ("--per-device-train-batch-size", args.per_device_train_batch_size)):
+    sizes = (("--batches", args.batches), ("--per-device-train-batch-size", args.per_device_train_batch_size))
+    for flag, value in sizes:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     for name in args.structures or ():
@@ -156,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     if isinstance(budget, str) and spec.modality == "image":  # no model type: LoRA at the harness's positions
         budget = lora_budget(model, int(budget.split(":")[1]), spec.profile.lora)
     result = make_plan(model, batches, budget, target_modules=targets, exclude_modules=_exclude(targets, spec),
-                       structures=structures, loss_fn=loss_fn)
+                       structures=structures, loss_fn=loss_fn, progress=not args.quiet)
     config = result.config
     if spec.profile.head is not None:
         config = dataclasses.replace(config, modules_to_save=[spec.profile.head])
@@ -166,8 +169,9 @@ def run(args: argparse.Namespace) -> dict:
     config_file = out / "adapter_config.json"
     config_file.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=_jsonable) + "\n")
     record = {
-        "data": spec.dataset, "model": spec.model, "budget": args.budget, "batch_size": args.per_device_train_batch_size,
-        "max_seq_length": spec.max_length, "seed": spec.seed, "load_seconds": loaded - start, **result.to_json(),
+        "data": spec.dataset, "model": spec.model, "budget": args.budget,
+        "batch_size": args.per_device_train_batch_size, "max_seq_length": spec.max_length, "seed": spec.seed,
+        "load_seconds": loaded - start, **result.to_json(),
     }
     (out / "plan.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
     print(summary(result, spec, args, config_file))

@@ -26,10 +26,10 @@ naming the adapters, the layer and the knob. Adapters with per-module structures
 (``structure_pattern``, as ``surm.plan`` writes) combine layer by layer, each layer by its
 family's rule ("auto"; an explicit ``combination_type`` must fit every layer's family), as long
 as the adapters agree on the family of every layer they share; the new adapter's
-``structure_pattern`` names the layers whose family is not its ``structure``. A layer that only some of the adapters adapt
-gets the sum of those. The new adapter's :class:`SurmConfig` carries per-module knobs (e.g.
-the grown ``rank``/``terms``) in ``knob_pattern`` where they differ from its defaults, so it
-saves and loads like any other adapter. ``modules_to_save`` copies cannot be summed: at most
+``structure_pattern`` names the layers whose family is not its ``structure``. A layer that only
+some of the adapters adapt gets the sum of those. The new adapter's :class:`SurmConfig` carries
+per-module knobs (e.g. the grown ``rank``/``terms``) in ``knob_pattern`` where they differ from
+its defaults, so it saves and loads like any other adapter. ``modules_to_save`` copies cannot be summed: at most
 one of the adapters may hold a trained copy of a module, which the new adapter then gets
 unchanged (the weights apply to the SURM updates only).
 """
