@@ -314,6 +314,8 @@ def test_other_errors_say_what_to_do():
         planner.plan(model, [], 500)
     with pytest.raises(ValueError, match="the loss must be a scalar tensor; got a tensor of shape \\(2,\\)"):
         planner.plan(model, _batches(1), 500, loss_fn=lambda m, b: torch.ones(2, requires_grad=True))
+    with pytest.raises(ValueError, match="the loss does not depend on the weight of any target layer"):
+        planner.plan(model, _batches(1), 500, loss_fn=lambda m, b: torch.tensor(1.0))
     with pytest.raises(ValueError, match="unknown structure 'circulent'"):
         planner.plan(model, _batches(1), 500, structures=["circulent"])
     with pytest.raises(ValueError, match="matched no module"):

@@ -190,6 +190,9 @@ def gradients(
                 loss = loss_fn(model, batch)
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     raise ValueError(f"surm.plan: the loss must be a scalar tensor; got {_describe(loss)}")
+                if not loss.requires_grad:
+                    raise ValueError("surm.plan: the loss does not depend on the weight of any target layer; "
+                                     "check target_modules and that loss_fn runs the model")
                 parts = torch.autograd.grad(loss.reshape(()), weights, allow_unused=True)
             for acc, part in zip(sums, parts):
                 if part is not None:
