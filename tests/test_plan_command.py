@@ -45,6 +45,7 @@ def _usage_error(capsys, *argv) -> str:
     (["--budget", "-3"], "--budget must be a parameter count"),
     (["--structures", "circulent"], "--structures: unknown structure 'circulent'"),
     (["--batches", "0"], "--batches must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
     (["--data", "imagenet"], "unknown data set 'imagenet'"),
     (["--model", "nope"], "unknown model 'nope'"),
     (["--model", "tiny-bert", "--target-modules", "nope"], "--target-modules on tiny-bert: SurmConfig: "
@@ -89,10 +90,12 @@ def test_plan_writes_a_config_that_finetune_trains_exactly(tmp_path, capsys):
 
 def test_lora_budget_and_structures_and_all_linear(tmp_path, capsys):
     out = tmp_path / "plan"
-    record = main(["plan", *TINY, "--budget", "lora:1", "--structures", "toeplitz", "circulant",
+    before = torch.get_num_threads()
+    record = main(["plan", *TINY, "--budget", "lora:1", "--threads", "1", "--structures", "toeplitz", "circulant",
                    "--target-modules", "all-linear", "--output-dir", str(out)])
     assert record == 0
     saved = json.loads((out / "plan.json").read_text())
+    assert saved["threads"] == 1 and torch.get_num_threads() == before  # restored
     assert saved["budget"] == 4 * (32 + 32)  # LoRA r=1 on query and value of tiny-bert's 2 layers
     names = [layer["name"] for layer in saved["layers"]]
     assert "classifier" not in names and any(n.endswith("intermediate.dense") for n in names)

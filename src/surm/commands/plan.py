@@ -74,6 +74,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     grad.add_argument("--image-size", type=int, default=64, metavar="PX", help="image side in pixels (default: 64)")
     grad.add_argument("--seed", type=int, default=0, help="which training examples, and the new head's init")
     grad.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    grad.add_argument("--threads", type=int, metavar="N",
+                      help="torch threads (default: torch's; 1 is fastest on a busy machine)")
 
     out = p.add_argument_group("output")
     out.add_argument("--output-dir", "--out", dest="output_dir", type=Path, metavar="DIR",
@@ -105,6 +107,8 @@ def check_args(args: argparse.Namespace):
 
     budget = parse_budget(args.budget)
     sizes = (("--batches", args.batches), ("--per-device-train-batch-size", args.per_device_train_batch_size))
+    if args.threads is not None:
+        sizes += (("--threads", args.threads),)
     for flag, value in sizes:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
@@ -151,15 +155,22 @@ def run(args: argparse.Namespace) -> dict:
     import dataclasses
     import time
 
+    import torch
+
     from surm.analysis.plan import lora_budget, make_plan
 
-    start = time.perf_counter()
-    model, batches, loss_fn = _model_and_batches(spec, args.batches, args.per_device_train_batch_size)
-    loaded = time.perf_counter()
-    if isinstance(budget, str) and spec.modality == "image":  # no model type: LoRA at the harness's positions
-        budget = lora_budget(model, int(budget.split(":")[1]), spec.profile.lora)
-    result = make_plan(model, batches, budget, target_modules=targets, exclude_modules=_exclude(targets, spec),
-                       structures=structures, loss_fn=loss_fn, progress=not args.quiet)
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or default_threads)
+    try:
+        start = time.perf_counter()
+        model, batches, loss_fn = _model_and_batches(spec, args.batches, args.per_device_train_batch_size)
+        loaded = time.perf_counter()
+        if isinstance(budget, str) and spec.modality == "image":  # no model type: LoRA at the harness's positions
+            budget = lora_budget(model, int(budget.split(":")[1]), spec.profile.lora)
+        result = make_plan(model, batches, budget, target_modules=targets, exclude_modules=_exclude(targets, spec),
+                           structures=structures, loss_fn=loss_fn, progress=not args.quiet)
+    finally:
+        torch.set_num_threads(default_threads)
     config = result.config
     if spec.profile.head is not None:
         config = dataclasses.replace(config, modules_to_save=[spec.profile.head])
@@ -171,7 +182,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "data": spec.dataset, "model": spec.model, "budget": args.budget,
         "batch_size": args.per_device_train_batch_size, "max_seq_length": spec.max_length, "seed": spec.seed,
-        "load_seconds": loaded - start, **result.to_json(),
+        "threads": args.threads or default_threads, "load_seconds": loaded - start, **result.to_json(),
     }
     (out / "plan.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
     print(summary(result, spec, args, config_file))
