@@ -50,3 +50,17 @@ def test_the_public_names_load_on_first_use():
         import surm
 
         surm.nope  # noqa: B018
+
+
+def test_a_failed_registration_warns_and_leaves_import_peft_working():
+    out = _python(
+        "import warnings, surm, surm._on_peft_import as hook\n"
+        "def broken(): raise RuntimeError('unsupported peft')\n"
+        "hook._register = broken\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import peft\n"
+        "from peft import PeftModel, LoraConfig\n"
+        "print([str(w.message) for w in caught if 'surm could not register' in str(w.message)])"
+    )
+    assert "RuntimeError('unsupported peft')" in out

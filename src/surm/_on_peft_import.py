@@ -21,11 +21,22 @@ def register_when_peft_is_imported() -> None:
     if "peft" in sys.modules:
         _register()
     elif not any(isinstance(finder, _AfterImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _AfterImport("peft", lambda _module: _register()))
+        sys.meta_path.insert(0, _AfterImport("peft", lambda _module: _register_from_hook()))
 
 
 def _register() -> None:
     importlib.import_module("surm.peft")  # registers SURM with PEFT on import
+
+
+def _register_from_hook() -> None:
+    """Registration run from inside the user's ``import peft``: a failure (an unsupported PEFT
+    version, say) must not break that import; it is reported as a warning instead."""
+    try:
+        _register()
+    except Exception as err:  # noqa: BLE001 - anything, so as not to break the user's import
+        import warnings
+
+        warnings.warn(f"surm could not register SURM with PEFT: {err!r}; `import surm.peft` shows why", stacklevel=2)
 
 
 class _AfterImport:

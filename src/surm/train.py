@@ -24,7 +24,6 @@ import math
 import os
 import re
 import resource
-import sys
 import threading
 import time
 import weakref

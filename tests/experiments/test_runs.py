@@ -9,6 +9,7 @@ import torch
 from surm import methods
 from surm.experiments import runs
 from surm.experiments.runs import RunRecord, RunSpec
+from surm.threads import torch_threads
 
 TINY = dict(model="tiny-bert", train_fraction=0.003, n_eval=16, batch_size=8)
 
@@ -59,7 +60,7 @@ def test_spec_json_round_trip():
 @pytest.fixture(scope="module")
 def executed():
     spec = RunSpec("rotten_tomatoes", "lora:2", lr=0.05, save_deltas=True, eval_splits=("validation", "test"), **TINY)
-    with runs.threads(1):
+    with torch_threads(1):
         return spec, *runs.execute(spec, progress=False)
 
 
@@ -84,7 +85,7 @@ def test_deltas_are_merged_weight_changes(executed):
 
 def test_runs_are_deterministic():
     spec = RunSpec("rotten_tomatoes", "surm:circulant", **TINY)
-    with runs.threads(1):
+    with torch_threads(1):
         a, _, _ = runs.execute(spec, progress=False)
         b, _, _ = runs.execute(spec, progress=False)
     assert a.train["losses"] == b.train["losses"] and a.test == b.test
@@ -103,7 +104,7 @@ def test_an_adapter_config_replaces_the_methods_own():
 
     spec = RunSpec("rotten_tomatoes", "lora:2", **TINY)
     adapter = peft.LoraConfig(r=1, target_modules=["query"], modules_to_save=["classifier"])
-    with runs.threads(1):
+    with torch_threads(1):
         record, model, _ = runs.execute(spec, progress=False, adapter=adapter)
     assert model.peft_config["default"] is adapter
     assert record.adapter_params == 2 * 1 * (32 + 32) and record.method == spec.method  # 2 layers, query only

@@ -151,3 +151,10 @@ def test_delta_weight_layout_matches_the_base_weight():
             delta = layer.get_delta_weight("default")
             weight = layer.get_base_layer().weight
             assert delta.shape == weight.shape and delta.dtype == weight.dtype
+
+
+@pytest.mark.parametrize("bias", ["all", "surm_only"])
+def test_trained_biases_are_refused_before_peft_is_called(bias):
+    model, _, _ = _random_adapter("mlp", bias=bias)
+    with pytest.raises(ValueError, match=rf"bias='{bias}'.*a LoRA adapter cannot hold them"):
+        lora_export.convert_to_lora(model, 4)

@@ -66,3 +66,20 @@ def test_saving_again_keeps_one_surm_block_and_the_users_own_text(tmp_path):
     assert text.count("# SURM adapter for") == 1
     assert text.count("### Framework versions") == 1
     assert "91 % on my data." in text
+
+
+def test_an_adapter_saved_in_a_subfolder_still_gets_the_surm_card(tmp_path):
+    model, _ = _packaged_bert(tmp_path)
+    peft_model = peft.get_peft_model(model, surm.SurmConfig(structure="circulant"), adapter_name="task")
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(out)  # PEFT: the card at out/, the config at out/task/
+    assert (out / "task" / "adapter_config.json").is_file()
+    card = ModelCard.load(out / "README.md")
+    assert "surm" in card.data.tags and "# SURM adapter for" in card.text and "`circulant`" in card.text
+
+
+def test_a_readme_that_peft_did_not_write_is_left_alone(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# My project\n\n[More Information Needed] about my data.\n")
+    surm.SurmConfig(target_modules=["fc1"]).save_pretrained(str(tmp_path))
+    assert readme.read_text() == "# My project\n\n[More Information Needed] about my data.\n"

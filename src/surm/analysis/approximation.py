@@ -331,25 +331,25 @@ def run_study(
         (t, s): Record(t, s.family, s.knob_dict, s.label, s.params, b) for t in targets for s, b in points
     }
     from surm.progress import bar as progress_bar
+    from surm.threads import torch_threads
 
-    old_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    bar = progress_bar(trials * len(records), "approx", unit="fit", disable=not progress)
+    bar = progress_bar(trials * len(records), "approx", progress, unit="fit")
     try:
-        for trial in range(trials):
-            for t in targets:
-                s_trial = trial_seed(seed, trial, t)
-                M = make_target(t, m, n, s_trial, noise)
-                for s, _ in points:
-                    start = time.perf_counter()
-                    P = fit(M, s, ldr_steps=ldr_steps, seed=s_trial)
-                    records[(t, s)].seconds.append(time.perf_counter() - start)
-                    records[(t, s)].errors.append(relative_error(M, P))
-                    bar.update()
+        with torch_threads(threads):
+            for trial in range(trials):
+                for t in targets:
+                    s_trial = trial_seed(seed, trial, t)
+                    M = make_target(t, m, n, s_trial, noise)
+                    for s, _ in points:
+                        start = time.perf_counter()
+                        P = fit(M, s, ldr_steps=ldr_steps, seed=s_trial)
+                        records[(t, s)].seconds.append(time.perf_counter() - start)
+                        records[(t, s)].errors.append(relative_error(M, P))
+                        if bar is not None:
+                            bar.update()
     finally:
-        bar.close()
-        torch.set_num_threads(old_threads)
+        if bar is not None:
+            bar.close()
     return list(records.values())
 
 

@@ -1,13 +1,10 @@
-"""Interleaved timing: every function once per round, medians over rounds, and torch threads."""
+"""Interleaved timing: every function once per round, medians over rounds."""
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
-from typing import Callable, Iterator
-
-import torch
+from typing import Callable
 
 #: "wall": time.perf_counter, the latency a user sees; "cpu": time.process_time, CPU seconds
 #: of this process over all its threads, robust to other processes preempting this one on a
@@ -50,13 +47,4 @@ def interleaved_medians(
     return {name: statistics.median(s[clock]) for name, s in samples.items()}
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """``torch.set_num_threads(threads)`` inside the block (None: leave torch's setting)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+

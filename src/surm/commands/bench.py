@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from surm.bench.timing import torch_threads
+    from surm.threads import torch_threads
 
     parts, methods = _check(args)
     out = Path(args.output_dir)

@@ -107,16 +107,3 @@ def run(args: argparse.Namespace) -> dict:
         results[name] = outcome
     return results
 
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="surm")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except UsageError as err:
-        parser.exit(2, f"surm reproduce: error: {err}\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -29,7 +29,9 @@ from surm.methods import Method
 
 from . import nlp, plots, report
 from .presets import Preset, setting
-from .runs import RunRecord, RunSpec, delta_names, make_model, threads
+from surm.threads import torch_threads
+
+from .runs import RunRecord, RunSpec, delta_names, make_model
 from .store import Runner
 
 PARALLEL_FAMILIES = ("surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
@@ -116,7 +118,7 @@ def run(config: CkaPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     n_threads = config.threads if config.threads is not None else nlp.PRESETS[config.source].threads
     runs = specs(config)
     records, wall = runner.run_all(runs, "cka", n_threads)
-    with threads(n_threads):
+    with torch_threads(n_threads):
         deltas: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
         for spec in runs:
             deltas.setdefault(spec.method.name, {})[spec.seed] = runner.deltas(spec)

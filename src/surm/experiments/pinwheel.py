@@ -52,11 +52,11 @@ from torch import nn
 
 from surm import methods as surm_methods
 from surm import progress
+from surm.threads import torch_threads
 from surm.methods import Method, parse
 
 from . import plots, report
 from .presets import Preset, setting
-from .runs import threads
 from .store import Runner
 
 CLASSES = 5
@@ -288,7 +288,7 @@ def run(config: PinwheelPreset, out_dir: Path, runner: Runner) -> report.Outcome
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with threads(config.threads):
+    with torch_threads(config.threads):
         data_kw = dict(n_per_class=config.n_per_class, radial_std=config.radial_std,
                        tangential_std=config.tangential_std, rate=config.rate)
         x, y = pinwheel(seed=config.data_seed, **data_kw)

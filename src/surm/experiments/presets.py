@@ -80,7 +80,8 @@ class Preset:
 
 def resolve(experiment: str, presets: dict[str, P], preset: str, sets: Iterable[str] = ()) -> P:
     """``presets[preset]`` changed by ``--set KEY=VALUE`` strings (VALUE a Python literal, or a
-    bare word taken as a string). Loads nothing, so the command line can check its input first.
+    bare word taken as a string). Trains and loads no model, so the command line can check its
+    input first (a method field imports the method vocabulary, and with it torch and PEFT).
 
     Raises:
         ValueError: an unknown preset, a malformed item, an unknown key (the message lists the

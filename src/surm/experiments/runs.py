@@ -11,18 +11,17 @@ layer, for the CKA and weight-drift analysis. Keeping runs between processes is 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
 
 from surm import data as surm_data
 from surm import methods as surm_methods
@@ -39,7 +38,6 @@ __all__ = [
     "execute",
     "load_splits",
     "make_model",
-    "threads",
 ]
 
 #: Packaged models by name, with the modality of the data they take. Any other name is a local
@@ -57,7 +55,7 @@ class RunSpec:
     """One fine-tuning run.
 
     Args:
-        dataset: a name of :func:`surm.data.names`; its modality (text or image) decides the
+        dataset: a text or image data set of :func:`surm.data.names`; its modality decides the
             default model and where adapters go (:data:`surm.methods.PROFILES`).
         method: a :class:`surm.methods.Method` (a method string is parsed once, here).
         seed: head and adapter initialisation, data order and the training subsample.
@@ -98,6 +96,10 @@ class RunSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", surm_methods.parse(self.method))
         modality = surm_data.modality(self.dataset)  # ValueError naming the known data sets
+        if modality not in DEFAULT_MODEL:
+            usable = [name for name in surm_data.names() if surm_data.modality(name) in DEFAULT_MODEL]
+            raise ValueError(f"{self.dataset} is a {modality} data set (prompt -> response pairs), which runs do not "
+                             f"take: they fine-tune classifiers, on {', '.join(usable)}")
         model = self.model or DEFAULT_MODEL[modality]
         if MODELS.get(model, "text") != modality:
             raise ValueError(f"model {model} takes {MODELS.get(model, 'text')} data, but {self.dataset} is a "
@@ -350,15 +352,3 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
     return record, model, deltas
 
 
-@contextlib.contextmanager
-def threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(n)`` (``None``: leave the default)."""
-    if n is None:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from surm import progress
+from surm.threads import torch_threads
 
-from .runs import RunRecord, RunSpec, execute, threads
+from .runs import RunRecord, RunSpec, execute
 
 __all__ = ["RunStore", "Runner"]
 
@@ -95,7 +96,7 @@ class Runner:
         progress bar; ``(records in spec order, wall seconds)``."""
         start = time.perf_counter()
         records = []
-        with threads(n_threads):
+        with torch_threads(n_threads):
             # in a terminal an outer bar over the runs; in a log one line per run instead
             outer = progress.bar(len(specs), desc, self.progress and progress.to_terminal())
             for i, spec in enumerate(specs, 1):

@@ -72,6 +72,12 @@ def check_lora_conversion(model: nn.Module, adapter_name: str = "default") -> No
     problems = _problems(model, adapter_name)
     if not any(isinstance(m, SurmLayer) for m in model.modules()):
         raise ValueError("surm: the model has no SURM layers to convert to LoRA")
+    config = getattr(model, "peft_config", {}).get(adapter_name)
+    if config is not None and getattr(config, "bias", "none") != "none":
+        problems.insert(0, (
+            f"the config sets bias={config.bias!r}: the trained biases are part of the adapter and a LoRA "
+            f"adapter cannot hold them (PEFT's conversion refuses it); train with bias='none' to export"
+        ))
     if problems:
         shown = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(f"surm: cannot convert adapter {adapter_name!r} to LoRA:\n  {shown}")

@@ -39,28 +39,43 @@ def public_model_id(name_or_path: str | None) -> str | None:
 
 
 def write_model_card(directory: str | Path, config: "SurmConfig") -> None:
-    """Turn the card PEFT just wrote in ``directory`` (README.md) into a SURM adapter card: the
-    ``surm`` tag, public base-model ids, and a body that says how to load the adapter. PEFT's
-    blank template body is replaced; a card with text of its own keeps it, below ours. Does
-    nothing where PEFT wrote no card."""
+    """Turn the card PEFT just wrote into a SURM adapter card: the ``surm`` tag, public
+    base-model ids, and a body that says how to load the adapter.
+
+    PEFT writes ``README.md`` at the top of the save folder and the configs of adapters other
+    than ``default`` in subfolders, so the card is looked for in ``directory`` and then in its
+    parent. Only a card PEFT wrote (``library_name: peft``) is touched. Its blank template body
+    is replaced; text of the user's own is kept, below ours; a subfolder's adapter does not
+    replace the body another adapter already wrote."""
     from huggingface_hub import ModelCard
 
-    path = Path(directory) / "README.md"
+    directory = Path(directory)
+    path, top = directory / "README.md", True
     if not path.is_file():
-        return
+        path, top = directory.parent / "README.md", False
+        if not path.is_file():
+            return
     card = ModelCard.load(path)
+    if card.data.get("library_name") != "peft":
+        return
     tags = set(card.data.tags or [])
     tags = {_ADAPTER_TAG + public_model_id(t[len(_ADAPTER_TAG) :]) if t.startswith(_ADAPTER_TAG) else t for t in tags}
     card.data.tags = sorted(tags | {CARD_TAG})
     base = public_model_id(card.data.get("base_model") or config.base_model_name_or_path)
     if base:
         card.data["base_model"] = base
-    before, _, rest = card.text.partition(_MARKER)  # a card saved before: drop our old block
-    text = before + rest.partition(_MARKER)[2] if rest else before
-    versions = _framework_versions(text)
-    own = "" if "[More Information Needed]" in text else text.replace(versions, "").strip()
-    card.text = "\n".join(part for part in (_MARKER, _body(config, base), _MARKER, own, versions) if part) + "\n"
+    if top or _MARKER not in card.text:
+        before, _, rest = card.text.partition(_MARKER)  # a card saved before: drop our old block
+        text = before + rest.partition(_MARKER)[2] if rest else before
+        versions = _framework_versions(text)
+        own = "" if _is_peft_template(text) else text.replace(versions, "").strip()
+        card.text = "\n".join(part for part in (_MARKER, _body(config, base), _MARKER, own, versions) if part) + "\n"
     card.save(path)
+
+
+def _is_peft_template(text: str) -> bool:
+    """PEFT's blank model card (``ModelCard.from_template``), not text somebody wrote."""
+    return "# Model Card for Model ID" in text and "[More Information Needed]" in text
 
 
 def _framework_versions(text: str) -> str:
@@ -69,7 +84,7 @@ def _framework_versions(text: str) -> str:
 
 
 def _body(config: "SurmConfig", base: str | None) -> str:
-    import surm
+    from surm._version import __version__
 
     knobs = ", ".join(f"{k}={v}" for k, v in config.knobs().items()) or "the family's defaults"
     if config.structure_pattern:
@@ -92,7 +107,7 @@ on top of Hugging Face PEFT.
 | placement | `{config.placement}`{" (serial, activation `" + config.activation + "`)" if config.placement == "serial" else ""} |
 | alpha | {config.alpha} |
 | target modules | {targets} |
-| surm version | {surm.__version__} |
+| surm version | {__version__} |
 
 ## Use it
 
