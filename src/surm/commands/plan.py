@@ -158,10 +158,10 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from surm.analysis.plan import lora_budget, make_plan
+    from surm.threads import torch_threads
 
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or default_threads)
-    try:
+    threads = args.threads or torch.get_num_threads()
+    with torch_threads(threads):
         start = time.perf_counter()
         model, batches, loss_fn = _model_and_batches(spec, args.batches, args.per_device_train_batch_size)
         loaded = time.perf_counter()
@@ -169,8 +169,6 @@ def run(args: argparse.Namespace) -> dict:
             budget = lora_budget(model, int(budget.split(":")[1]), spec.profile.lora)
         result = make_plan(model, batches, budget, target_modules=targets, exclude_modules=_exclude(targets, spec),
                            structures=structures, loss_fn=loss_fn, progress=not args.quiet)
-    finally:
-        torch.set_num_threads(default_threads)
     config = result.config
     if spec.profile.head is not None:
         config = dataclasses.replace(config, modules_to_save=[spec.profile.head])
@@ -182,7 +180,7 @@ def run(args: argparse.Namespace) -> dict:
     record = {
         "data": spec.dataset, "model": spec.model, "budget": args.budget,
         "batch_size": args.per_device_train_batch_size, "max_seq_length": spec.max_length, "seed": spec.seed,
-        "threads": args.threads or default_threads, "load_seconds": loaded - start, **result.to_json(),
+        "threads": threads, "load_seconds": loaded - start, **result.to_json(),
     }
     (out / "plan.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
     print(summary(result, spec, args, config_file))
