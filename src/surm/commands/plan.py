@@ -158,12 +158,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from surm.analysis.plan import lora_budget, make_plan
+    from surm.experiments.runs import planning_batches
     from surm.threads import torch_threads
 
     threads = args.threads or torch.get_num_threads()
     with torch_threads(threads):
         start = time.perf_counter()
-        model, batches, loss_fn = _model_and_batches(spec, args.batches, args.per_device_train_batch_size)
+        model, batches, loss_fn = planning_batches(spec, args.batches, args.per_device_train_batch_size)
         loaded = time.perf_counter()
         if isinstance(budget, str) and spec.modality == "image":  # no model type: LoRA at the harness's positions
             budget = lora_budget(model, int(budget.split(":")[1]), spec.profile.lora)
@@ -185,34 +186,6 @@ def run(args: argparse.Namespace) -> dict:
     (out / "plan.json").write_text(json.dumps(record, indent=1, default=_jsonable) + "\n")
     print(summary(result, spec, args, config_file))
     return record
-
-
-def _model_and_batches(spec, n_batches: int, batch_size: int):
-    """The model on its device, ``n_batches`` seeded training batches and the loss (None: the
-    model's own, transformers batches carry their labels)."""
-    import numpy as np
-    import torch
-
-    from surm import data as surm_data
-    from surm.experiments.runs import make_model
-
-    splits = surm_data.load(spec.dataset, seed=spec.seed)
-    train = splits.train
-    rows = np.random.default_rng(spec.seed).permutation(len(train))[: n_batches * batch_size]
-    inputs = train.inputs[rows] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in rows]
-    subset = surm_data.Split(inputs=inputs, labels=train.labels[rows], ids=train.ids[rows])
-    model, batcher = make_model(spec, splits.num_labels)
-    model.to(spec.device)
-    chunks = [np.arange(i, min(i + batch_size, len(subset))) for i in range(0, len(subset), batch_size)]
-    batches = []
-    for x, y in batcher.batches(subset, chunks):
-        if isinstance(x, dict):
-            batches.append({**{k: v.to(spec.device) for k, v in x.items()}, "labels": y.to(spec.device)})
-        else:
-            batches.append((x.to(spec.device), y.to(spec.device)))
-    if spec.modality == "text":
-        return model, batches, None
-    return model, batches, lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
 def _jsonable(value):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from surm.commands.errors import UsageError
 
-HELP = "run one of the paper's experiments (nlp, vision, lowres, cka, pinwheel, lr_sweep), scaled to a CPU"
+HELP = "run one of the paper's experiments (nlp, vision, lowres, cka, pinwheel, lr_sweep, plan), scaled to a CPU"
 
 EPILOG = """\
 experiments:
@@ -26,6 +26,7 @@ experiments:
   cka       linear CKA and weight drift between full fine-tuning and LoRA / SURM (Table 8 analog)
   pinwheel  synthetic 2-D pinwheel: LoRA against SURM at equal parameters
   lr_sweep  the learning-rate sweep behind the per-method defaults (also --preset vision)
+  plan      surm plan's configs against the best single family and LoRA at LoRA r=1's and r=8's budgets
   all       nlp, lowres, cka, vision and pinwheel, one after the other
 
 presets: smoke (seconds, tests), quick (minutes, the default), full (the documented run,

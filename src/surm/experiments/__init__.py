@@ -29,6 +29,7 @@ EXPERIMENTS: dict[str, str] = {
     "lowres": "surm.experiments.lowres",
     "cka": "surm.experiments.cka",
     "lr_sweep": "surm.experiments.lr_sweep",
+    "plan": "surm.experiments.plan",
 }
 
 __all__ = ["EXPERIMENTS", "load", "names"]

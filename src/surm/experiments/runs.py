@@ -35,9 +35,11 @@ __all__ = [
     "RunRecord",
     "RunSpec",
     "delta_names",
+    "adapter_json",
     "execute",
     "load_splits",
     "make_model",
+    "planning_batches",
 ]
 
 #: Packaged models by name, with the modality of the data they take. Any other name is a local
@@ -71,6 +73,9 @@ class RunSpec:
         save_deltas: also return the merged query/value weight changes (not part of the key).
         head_lr: the head's learning rate; None takes the method's default
             (:func:`surm.methods.default_head_lr`).
+        adapter: a SURM adapter config as the JSON :func:`adapter_json` writes (e.g. a plan of
+            :func:`surm.plan`); it replaces the method's adapter, and the method still gives the
+            learning rates and the label. Part of the key (and, as a digest, of the slug).
     """
 
     dataset: str
@@ -92,6 +97,7 @@ class RunSpec:
     device: str = "cpu"
     save_deltas: bool = False
     head_lr: float | None = None
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", surm_methods.parse(self.method))
@@ -132,12 +138,16 @@ class RunSpec:
         method = self.method.name
         for old, new in ((":", "-"), ("=", ""), (",", "_"), ("(", ""), (")", ""), (" ", "")):
             method = method.replace(old, new)
+        if self.adapter is not None:
+            method += "-adapter" + hashlib.sha1(self.adapter.encode()).hexdigest()[:8]
         return f"{self.dataset}-{method}-s{self.seed}"
 
     def identity(self) -> dict[str, Any]:
         """Every field that changes the result, with the learning rates resolved (an explicit
         default is no change) and without ``save_deltas``."""
-        fields = {k: v for k, v in self.to_json().items() if k not in ("save_deltas", "head_lr")}
+        fields = {k: v for k, v in self.to_json().items() if k not in ("save_deltas", "head_lr", "adapter")}
+        if self.adapter is not None:  # absent when None: the keys of runs without one stay as they were
+            fields["adapter"] = self.adapter
         fields["lr"] = self.effective_lr
         if self.effective_head_lr is not None:
             fields["head_lr"] = self.effective_head_lr
@@ -154,6 +164,14 @@ class RunSpec:
 
     def replace(self, **changes: Any) -> RunSpec:
         return dataclasses.replace(self, **changes)
+
+    def adapter_config(self):
+        """The :class:`surm.SurmConfig` of :attr:`adapter` (a fresh one, ready to train), or None."""
+        if self.adapter is None:
+            return None
+        from surm.peft import SurmConfig
+
+        return SurmConfig(**json.loads(self.adapter), inference_mode=False)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -237,6 +255,19 @@ class RunRecord:
         return cls(**fields, from_store=from_store)
 
 
+def adapter_json(config) -> str:
+    """A SURM adapter config as :attr:`RunSpec.adapter` holds it: its fields that differ from
+    the defaults, as JSON with sorted keys (sets as sorted lists), so equal configs give equal
+    keys whatever the PEFT version or field order."""
+    from surm.peft import SurmConfig
+
+    defaults = {f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                for f in dataclasses.fields(SurmConfig) if f.init}
+    fields = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.to_dict().items()
+              if k in defaults and k not in ("peft_type", "peft_version", "inference_mode") and v != defaults[k]}
+    return json.dumps(fields, sort_keys=True)
+
+
 # --------------------------------------------------------------------------- data and models
 
 
@@ -293,6 +324,30 @@ def make_model(spec: RunSpec, num_labels: int):
     return model, TextBatcher(tokenizer, spec.max_length)
 
 
+def planning_batches(spec: RunSpec, n_batches: int, batch_size: int):
+    """``(model, batches, loss_fn)`` for the planner (:func:`surm.plan`): ``spec``'s model on its
+    device with its new head initialised from ``spec.seed``, ``n_batches`` batches of
+    ``batch_size`` training examples drawn by ``spec.seed`` from the whole training set, and the
+    loss (None for text: the batches carry their labels and the model returns its loss)."""
+    splits = surm_data.load(spec.dataset, seed=spec.seed)
+    train = splits.train
+    rows = np.random.default_rng(spec.seed).permutation(len(train))[: n_batches * batch_size]
+    inputs = train.inputs[rows] if isinstance(train.inputs, np.ndarray) else [train.inputs[i] for i in rows]
+    subset = surm_data.Split(inputs=inputs, labels=train.labels[rows], ids=train.ids[rows])
+    model, batcher = make_model(spec, splits.num_labels)
+    model.to(spec.device)
+    chunks = [np.arange(i, min(i + batch_size, len(subset))) for i in range(0, len(subset), batch_size)]
+    batches = []
+    for x, y in batcher.batches(subset, chunks):
+        if isinstance(x, dict):
+            batches.append({**{k: v.to(spec.device) for k, v in x.items()}, "labels": y.to(spec.device)})
+        else:
+            batches.append((x.to(spec.device), y.to(spec.device)))
+    if spec.modality == "text":
+        return model, batches, None
+    return model, batches, lambda model, batch: torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
 def delta_names(model: torch.nn.Module) -> list[str]:
     """Names of the attention query and value weights of a BERT-like model, layer by layer."""
     return [n for n, _ in model.named_parameters() if n.endswith(("query.weight", "value.weight"))]
@@ -313,9 +368,10 @@ def _effective_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunRecord, torch.nn.Module, dict[str, torch.Tensor]]:
     """Train and evaluate ``spec``: ``(record, trained model, deltas)``.
 
-    ``adapter``, a PEFT config, replaces the method's own (the method still gives the learning
-    rates and the label). ``deltas`` maps the query/value weight names to ``W_finetuned - W0``
-    when ``spec.save_deltas`` (parallel adapters merged into a copy), else it is empty.
+    ``adapter``, a PEFT config, replaces the method's own, and so does ``spec.adapter`` when
+    ``adapter`` is None (the method still gives the learning rates and the label). ``deltas``
+    maps the query/value weight names to ``W_finetuned - W0`` when ``spec.save_deltas``
+    (parallel adapters merged into a copy), else it is empty.
     """
     start, cpu_start = time.perf_counter(), time.process_time()
     splits = load_splits(spec)
@@ -323,6 +379,10 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
     profile = spec.profile
     watched = delta_names(model) if spec.save_deltas else []
     base = {n: p.detach().clone() for n, p in model.named_parameters() if n in watched}
+    if adapter is None and spec.adapter is not None:
+        adapter = spec.adapter_config()
+        if profile.head is not None:  # the new head trains in full
+            adapter.modules_to_save = [*(adapter.modules_to_save or ()), profile.head]
     model = surm_methods.apply(model, spec.method if adapter is None else adapter, profile)
     config = TrainConfig(
         lr=spec.effective_lr, epochs=spec.epochs, min_steps=spec.min_steps, batch_size=spec.batch_size,
