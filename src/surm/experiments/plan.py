@@ -122,9 +122,11 @@ class Planned:
         return dict(self.__dict__)
 
 
-def make_plans(config: PlanPreset) -> list[Planned]:
+def make_plans(config: PlanPreset, progress: bool = False) -> list[Planned]:
     """Every plan: per data set and seed one model and set of batches, then each budget and
-    variant of :data:`PLANNED` (each plan recomputes the gradients: its time is a user's)."""
+    variant of :data:`PLANNED` (each plan recomputes the gradients: its time is a user's);
+    ``progress``: a line per plan on stderr (off a terminal)."""
+    from surm import progress as shown
     from surm.analysis.plan import make_plan
 
     out = []
@@ -138,6 +140,7 @@ def make_plans(config: PlanPreset) -> list[Planned]:
                 head = spec.profile.head
                 for budget in config.budgets:
                     for variant, structures in PLANNED.items():
+                        shown.note(f"plan: planning {dataset} seed {seed} budget {budget} ({variant})", progress)
                         result = make_plan(model, batches, budget, target_modules="all-linear",
                                            exclude_modules=[head] if head else None, structures=structures,
                                            loss_fn=loss_fn)
@@ -240,7 +243,7 @@ def entries(runs: list[tuple[str, str, RunSpec]], records: list[RunRecord], plan
 def run(config: PlanPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Plan, train and test every run of the experiment into ``out_dir``."""
     start = time.perf_counter()
-    plans = make_plans(config)
+    plans = make_plans(config, runner.progress)
     plan_wall = time.perf_counter() - start
     runs = specs(config, plans)
     records, wall = runner.run_all([spec for *_, spec in runs], "plan", config.threads)
