@@ -4,14 +4,14 @@
 surm.SurmConfig(...))`` and ``peft.PeftModel.from_pretrained`` work. It does so without
 importing PEFT or torch itself: the registration happens when PEFT is imported (at once, if it
 already is), and ``surm.SurmConfig``, ``surm.SurmModel``, ``surm.plan`` (the planner,
-:func:`surm.analysis.plan.plan`) and ``surm.structured`` are imported on first use. So
+:func:`surm.analysis.plan.plan`), ``surm.recommended_lr`` (:mod:`surm.peft.recommend`) and ``surm.structured`` are imported on first use. So
 ``import surm`` (and ``surm --help``) stays instant.
 """
 
 from ._on_peft_import import register_when_peft_is_imported
 from ._version import __version__
 
-__all__ = ["SurmConfig", "SurmModel", "__version__", "plan", "structured"]
+__all__ = ["SurmConfig", "SurmModel", "__version__", "plan", "recommended_lr", "structured"]
 
 register_when_peft_is_imported()
 
@@ -21,6 +21,8 @@ def __getattr__(name: str):
 
     if name in ("SurmConfig", "SurmModel"):
         return getattr(importlib.import_module("surm.peft"), name)
+    if name == "recommended_lr":
+        return importlib.import_module("surm.peft.recommend").recommended_lr
     if name == "plan":
         return importlib.import_module("surm.analysis.plan").plan
     if name in ("peft", "structured"):

@@ -49,6 +49,6 @@ def test_dropout_in_training_takes_the_plain_path():
     torch.manual_seed(1)
     drop = torch.nn.functional.dropout(x, 0.5, training=True)
     S = layer.surm_matrix["default"]
-    torch.testing.assert_close(y, layer.base_layer(x) + S(drop))
+    torch.testing.assert_close(y, layer.base_layer(x) + layer.surm_alpha["default"] * S(drop))
     model.eval()
     assert layer._can_fuse("default")  # dropout is the identity in eval mode

@@ -29,12 +29,13 @@ def test_serial_formula(activation):
     with torch.no_grad():
         h = layer.base_layer(x)
         S = layer.surm_matrix["default"].dense()
-        expected = h + act(0.7 * h @ S.T) + layer.surm_bias["default"]
+        scale = 0.7 / (12 * layer.surm_matrix["default"].update_energy()) ** 0.5  # scaling="width", S 12 x 12
+        expected = h + act(scale * h @ S.T) + layer.surm_bias["default"]
         torch.testing.assert_close(layer(x), expected)
 
 
 def test_serial_low_rank_is_the_houlsby_bottleneck_adapter():
-    model, _ = _trained("low_rank", rank=3, activation="relu")
+    model, _ = _trained("low_rank", rank=3, activation="relu", scaling="none")
     layer = model.base_model.model.fc1
     S = layer.surm_matrix["default"]
     down, up = nn.Linear(12, 3).double(), nn.Linear(3, 12).double()

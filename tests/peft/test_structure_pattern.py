@@ -41,6 +41,12 @@ def _layers(model, adapter="default"):
             if isinstance(m, SurmLayer) and adapter in m.surm_matrix}
 
 
+def _updates(model, adapter, x):
+    """{layer: alpha_eff * S(x)}: each layer's scaled update of ``adapter`` on x."""
+    return {name.removeprefix("base_model.model."): m.surm_alpha[adapter] * m.surm_matrix[adapter](x)
+            for name, m in model.named_modules() if isinstance(m, SurmLayer) and adapter in m.surm_matrix}
+
+
 def _randomize(model, adapter="default"):
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -136,16 +142,14 @@ def test_weighted_adapters_combine_layer_by_layer(tmp_path):
     for name in ("a", "b"):
         _randomize(model, name)
     x = torch.randn(3, 24, dtype=torch.float64)
-    updates = {}
-    for name in ("a", "b"):
-        layers = _layers(model, name)
-        updates[name] = {layer: S(x) for layer, S in layers.items()}
+    updates = {name: _updates(model, name, x) for name in ("a", "b")}
     model.add_weighted_adapter(["a", "b"], [0.7, -1.5], "mix")
     mix = _layers(model, "mix")
+    mixed = _updates(model, "mix", x)
     for layer, S in mix.items():
         assert S.name == MIXED[layer][0]
-        expected = 0.7 * updates["a"][layer] - 1.5 * 0.5 * updates["b"][layer]
-        torch.testing.assert_close(S(x), expected, rtol=1e-10, atol=1e-10)
+        expected = 0.7 * updates["a"][layer] - 1.5 * updates["b"][layer]
+        torch.testing.assert_close(mixed[layer], expected, rtol=1e-10, atol=1e-10)
     assert mix[QV[1]].rank == 4 and mix[QV[2]].terms == 4  # the bilinear families concatenate
     model.set_adapter("mix")
     with torch.no_grad():

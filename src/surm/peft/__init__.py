@@ -4,6 +4,8 @@ from .config import ACTIVATIONS, PLACEMENTS, SURM, SurmConfig
 from .distributed import adapter_tensors, broadcast_adapter_init
 from .layer import SurmLayer
 from .model import SurmModel
+from .recommend import recommended_lr
+from .scaling import SCALINGS, update_scale
 from .registration import is_registered, register
 from .targets import PARALLEL_TARGETS, SERIAL_TARGETS, default_targets
 
@@ -13,6 +15,7 @@ __all__ = [
     "ACTIVATIONS",
     "PARALLEL_TARGETS",
     "PLACEMENTS",
+    "SCALINGS",
     "SERIAL_TARGETS",
     "SURM",
     "SurmConfig",
@@ -22,5 +25,7 @@ __all__ = [
     "broadcast_adapter_init",
     "default_targets",
     "is_registered",
+    "recommended_lr",
     "register",
+    "update_scale",
 ]

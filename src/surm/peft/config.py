@@ -12,6 +12,7 @@ from peft.config import PeftConfig
 from surm import structured
 
 from .model_card import public_model_id, write_model_card
+from .scaling import SCALINGS
 
 PLACEMENTS = ("parallel", "serial")
 #: activations allowed in serial adapters: all satisfy act(0) = 0, so a zero-initialised
@@ -68,8 +69,13 @@ class SurmConfig(PeftConfig):
             (default 1).
         placement (`str`): ``"parallel"`` (default, LoRA-style, merges exactly) or
             ``"serial"`` (adapter-style, after the layer, S square over its output).
-        alpha (`float`): the scale of the structured update (default 1.0). Under Adam it
-            trades off against the learning rate.
+        alpha (`float`): the user's multiplier on the structured update (default 1.0); the
+            update is ``alpha * s * S`` with ``s`` set by ``scaling``.
+        scaling (`str`): ``"width"`` (default): ``s = 1 / sqrt(max(m, n) E)`` per layer, with
+            ``E`` the family's update energy (``surm.peft.scaling``), so that one learning
+            rate (``surm.recommended_lr``) serves every family, knob, placement and layer
+            width; ``"none"``: ``s = 1``, ``alpha`` alone (how adapters saved before the
+            scale existed load).
         dropout (`float`): dropout on the input of the structured branch, in [0, 1) (default
             0). With dropout > 0 in training the layer takes the plain (unfused) path.
         activation (`str`): serial only: ``"gelu"`` (default), ``"relu"``, ``"silu"``,
@@ -127,7 +133,12 @@ class SurmConfig(PeftConfig):
         metadata={"help": "'parallel' (LoRA-style, y = W0 x + b0 + alpha S x) or 'serial' (adapter-style, "
                   "h + act(alpha S h) + beta after the layer)."},
     )
-    alpha: float = field(default=1.0, metadata={"help": "Scale of the structured update."})
+    alpha: float = field(default=1.0, metadata={"help": "The user's multiplier on the structured update."})
+    scaling: str = field(
+        default="width",
+        metadata={"help": f"One of {SCALINGS}: 'width' multiplies alpha by 1/sqrt(max(out, in) * E) per layer (E: "
+                  "the family's update energy) so one learning rate fits every family and width; 'none': alpha alone."},
+    )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the structured branch's input, in [0, 1)."})
     activation: str = field(
         default="gelu", metadata={"help": f"Serial only: one of {ACTIVATIONS}; only 'identity' merges."}
@@ -175,6 +186,11 @@ class SurmConfig(PeftConfig):
         self.peft_type = SURM
         self._check_types()
         structured.get(self.structure)  # unknown structure: ValueError listing the known ones
+        if self.scaling not in SCALINGS:
+            raise ValueError(
+                f"SurmConfig: scaling must be one of {SCALINGS}, got {self.scaling!r} ('width' is the default; "
+                f"'none' is alpha alone)"
+            )
         if self.placement not in PLACEMENTS:
             raise ValueError(f"SurmConfig: placement must be one of {PLACEMENTS}, got {self.placement!r}")
         if self.activation not in ACTIVATIONS:
@@ -209,6 +225,15 @@ class SurmConfig(PeftConfig):
             _check_regex(pattern, "knob_pattern")
             self._check_pattern_knobs(pattern, overrides)
 
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """PEFT's hook on a config read from a saved adapter: one saved before ``scaling``
+        existed had ``alpha`` alone, so it loads with ``scaling="none"`` and computes what it
+        computed then."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("scaling", "none")
+        return kwargs
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's save, with a base model loaded from a package folder recorded by its public
         Hub id, and the model card PEFT wrote beside it made a SURM adapter card."""
@@ -227,6 +252,7 @@ class SurmConfig(PeftConfig):
         coerced (``fused="false"`` is a truthy string, ``factors`` with 4.5 is no shape)."""
         _expect(self.structure, "structure", _is_str, f"a string, one of {structured.names()}")
         _expect(self.placement, "placement", _is_str, f"a string, one of {PLACEMENTS}")
+        _expect(self.scaling, "scaling", _is_str, f"a string, one of {SCALINGS}")
         _expect(self.activation, "activation", _is_str, f"a string, one of {ACTIVATIONS}")
         _expect(self.init, "init", _is_str, f"a string, one of {structured.INIT_MODES}")
         _expect(self.bias, "bias", _is_str, f"a string, one of {BIAS_MODES}")

@@ -38,6 +38,7 @@ from torch import nn
 from surm import structured
 
 from .config import SurmConfig
+from .scaling import update_scale
 
 _ACTIVATIONS = {
     "gelu": nn.functional.gelu,
@@ -207,7 +208,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                 rank = self.surm_matrix[adapter_name].rank
                 self.surm_inner_bias[adapter_name] = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
         self.surm_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.surm_alpha[adapter_name] = float(config.alpha)
+        self.surm_alpha[adapter_name] = float(config.alpha) * update_scale(self.surm_matrix[adapter_name], config.scaling)
         self.surm_placement[adapter_name] = config.placement
         self.surm_activation[adapter_name] = config.activation
         self.surm_fused[adapter_name] = config.fused

@@ -112,6 +112,18 @@ class StructuredMatrix(nn.Module, abc.ABC):
         """The family's knobs, enough to rebuild an instance of the same shape and size."""
         return {}
 
+    def update_energy(self) -> float:
+        """How strongly the parameters move S, per entry, from the zero init:
+        ``E = sum_p ||dS/dp||_F^2 / (m n)`` over the trainable parameters p, in expectation
+        over the random factor of a bilinear family (its zero factor is the one that moves).
+
+        A step that moves every parameter by +-lr (Adam's first step) changes S by about
+        ``lr * sqrt(m n E)`` in Frobenius norm, so ``1 / sqrt(max(m, n) E)`` puts every family
+        and width on the same footing (:mod:`surm.peft.scaling`). 1 for the families whose
+        entries are each one parameter; families override it.
+        """
+        raise NotImplementedError(f"{self.name} does not define update_energy()")
+
     # -- shared helpers -----------------------------------------------------------------
     @property
     def num_params(self) -> int:
@@ -238,6 +250,11 @@ class LinearStructuredMatrix(StructuredMatrix):
     def layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, sign), both (out_features, in_features): entry (i, j) of the matrix is
         ``sign[i, j] * weight.flatten()[index[i, j]]``; sign 0 marks an entry that is always 0."""
+
+    def update_energy(self) -> float:
+        """1: every entry of S is +-one parameter (entries fixed at 0 aside, which the
+        rectangular families do not have)."""
+        return 1.0
 
     def dense(self) -> torch.Tensor:
         index, sign = self.layout()

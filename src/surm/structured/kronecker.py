@@ -102,6 +102,11 @@ class Kronecker(StructuredMatrix):
     def knobs(self) -> dict[str, Any]:
         return {"factors": self.factors, "terms": self.terms}
 
+    def update_energy(self) -> float:
+        """``terms / b2``: dS/dA_k[i, j] = e_ij (x) B_k has squared norm ||B_k||^2, b1 b2 / b2 in
+        expectation; summed over the a1 a2 terms entries of A and divided by m n."""
+        return self.terms / self.factors[1][1]
+
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         (_, a2), (_, b2) = self.factors

@@ -61,6 +61,11 @@ class LDR(StructuredMatrix):
     def knobs(self) -> dict[str, Any]:
         return {"rank": self.rank}
 
+    def update_energy(self) -> float:
+        """1: dS/dH[i, j] = window of C(g_i) Z_-1(e_j), the entries of C(g_i) signed and moved,
+        with expected squared norm m n / (N r) in the m x n window (var g = 1 / (N r)); r N of them."""
+        return 1.0
+
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         N, r = self.size, self.rank

@@ -38,6 +38,11 @@ class LowRank(StructuredMatrix):
     def knobs(self) -> dict[str, Any]:
         return {"rank": self.rank}
 
+    def update_energy(self) -> float:
+        """``r / n``: dS/dB[i, k] = e_i A_k^T has squared norm ||A_k||^2, 1 in expectation
+        (var A = 1 / n); m r of them, divided by m n."""
+        return self.rank / self.in_features
+
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         with torch.no_grad():

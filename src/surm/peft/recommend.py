@@ -1,0 +1,34 @@
+"""The learning rate to train a SURM adapter with: :func:`recommended_lr`.
+
+With ``scaling="width"`` (the default) one rate serves every family, knob, placement and layer
+width, because the scale makes one Adam step move every update alike
+(:mod:`surm.peft.scaling`). It was chosen on validation splits (MiniLM on three text data
+sets, AdamW, linear schedule with warm-up, batch 16; docs/results.md). Adapters with
+``scaling="none"`` (alpha alone) keep the per-family rates swept before the scale existed.
+"""
+
+from __future__ import annotations
+
+from .config import SurmConfig
+
+#: AdamW rate of every SURM adapter with scaling="width".
+WIDTH_SCALED_LR = 3e-2
+#: Rates for scaling="none" (alpha alone), per placement, with the families that wanted their own.
+UNSCALED_LR = {"parallel": 5e-3, "serial": 3e-3, "kronecker": 3e-2}
+
+
+def recommended_lr(config: SurmConfig) -> float:
+    """The AdamW learning rate for ``config`` (batch 16 or so, a linear schedule with warm-up).
+
+    A new classification head trained beside the adapter (``modules_to_save``) takes the same
+    rate. ``alpha`` is a multiplier on the update, not on the rate: under Adam, doubling
+    ``alpha`` doubles every step of the update, as doubling the rate would.
+    """
+    if not isinstance(config, SurmConfig):
+        raise TypeError(f"recommended_lr takes a surm.SurmConfig, got {type(config).__name__}; "
+                        f"for LoRA and the other PEFT methods see surm.methods.default_lr")
+    if config.scaling == "width":
+        return WIDTH_SCALED_LR
+    if config.placement == "parallel" and config.structure == "kronecker":
+        return UNSCALED_LR["kronecker"]
+    return UNSCALED_LR[config.placement]
