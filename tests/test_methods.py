@@ -28,6 +28,16 @@ from .peft.tiny_models import bert
         ("surm:kronecker:factors=((4,6),(6,4))", "surm", "kronecker", "parallel", None, {"factors": ((4, 6), (6, 4))}),
         (" SURM:circulant ", "surm", "circulant", "parallel", None, {}),
         ("c3a:64", "c3a", None, "parallel", None, {"block_size": 64}),
+        ("lokr:4", "lokr", None, "parallel", 4, {}),
+        ("lokr:4:alpha=8", "lokr", None, "parallel", 4, {"alpha": 8}),
+        ("kadaptation:2", "kadaptation", None, "parallel", 2, {}),
+        ("fourierft:1000", "fourierft", None, "parallel", None, {"n_frequency": 1000}),
+        ("fourierft:1000:alpha=300.0", "fourierft", None, "parallel", None, {"n_frequency": 1000, "alpha": 300.0}),
+        ("vera:256", "vera", None, "parallel", 256, {}),
+        ("lorafix:8", "lorafix", None, "parallel", 8, {}),
+        ("adapterdrop:32", "adapterdrop", None, "parallel", 32, {}),
+        ("adapterdrop:32:drop=2", "adapterdrop", None, "parallel", 32, {"drop": 2}),
+        ("lntuning", "lntuning", None, "parallel", None, {}),
     ],
 )
 def test_parse(text, kind, structure, placement, rank, knobs):
@@ -52,6 +62,17 @@ def test_parse(text, kind, structure, placement, rank, knobs):
         ("c3a", "positive block size"),
         ("c3a:0", "positive block size"),
         ("c3a:64:alpha=2", "takes no knobs"),
+        ("lokr", "positive rank"),
+        ("vera:0", "positive rank"),
+        ("fourierft", "positive number of frequencies"),
+        ("fourierft:0", "positive number of frequencies"),
+        ("fourierft:100:n_frequency=3", "unknown knob"),
+        ("lntuning:alpha=2", "takes no knobs"),
+        ("lntuning:4", "unexpected"),
+        ("lokr:4:block_size=2", "lokr takes no knob 'block_size'"),
+        ("houlsby:8:drop=2", "houlsby takes no knob 'drop'"),
+        ("adapterdrop:8:drop=-1", "drop is a number of blocks"),
+        ("adapterdrop:8:drop=x", "drop is a number of blocks"),
     ],
 )
 def test_parse_errors(text, needle):
@@ -65,6 +86,15 @@ def test_labels_are_readable():
     assert methods.parse("surm:ldr:rank=2").label == "SURM ldr rank=2"
     assert methods.parse("head").label == "head only"
     assert methods.parse("c3a:64").label == "C3A block_size=64" and methods.parse("c3a:64").name == "c3a:64"
+    assert methods.parse("lokr:4").label == "LoKr r=4"
+    assert methods.parse("kadaptation:4").label == "KAdaptation r=4"
+    assert methods.parse("fourierft:1000").label == "FourierFT n=1000"
+    assert methods.parse("fourierft:1000:alpha=300").label == "FourierFT n=1000 alpha=300"
+    assert methods.parse("fourierft:1000:alpha=300").name == "fourierft:1000:alpha=300"
+    assert methods.parse("vera:256").label == "VeRA r=256"
+    assert methods.parse("lorafix:8").label == "LoRA-FIX r=8"
+    assert methods.parse("adapterdrop:32:drop=2").label == "AdapterDrop r=32 drop=2"
+    assert methods.parse("lntuning").label == "LN tuning"
 
 
 def test_parse_takes_a_method_as_it_is():

@@ -12,11 +12,35 @@ Method strings (``kind[:positional][:key=value]...``)::
     c3a:B                        PEFT C3A (block-circulant, block size B) on the LoRA positions
     surm:STRUCTURE[:PLACEMENT]   SURM with a structured matrix; PLACEMENT parallel (default, LoRA
                                  positions) or serial (adapter positions, no bottleneck, gelu)
+    lokr:R                       PEFT LoKr on the LoRA positions: dW = w1 kron (w2_a w2_b), w2 of
+                                 rank R (a full w2 once R reaches half its larger side), scale
+                                 alpha / R with alpha = R (so 1) unless the alpha knob is given
+    kadaptation:R                KAdaptation (He et al.) as PEFT builds it: exactly lokr:R, one
+                                 Kronecker term w1 kron (u v^T) with rank-R u v^T per layer.  It is
+                                 not the paper's adapter: that one sums n terms A_i kron (u_i v_i^T)
+                                 and shares the small A_i across layers; here w1 is one per layer
+                                 and its size comes from LoKr's near-square split of the widths
+    fourierft:N                  PEFT FourierFT on the LoRA positions: N trainable spectral
+                                 coefficients per layer at fixed random frequencies, scaling 150
+                                 (PEFT's default; the alpha knob replaces it).  Linear layers only
+    vera:R                       PEFT VeRA rank R on the LoRA positions: frozen random A (R x in)
+                                 and B (out x R) shared by all layers (sized for the largest,
+                                 sliced for smaller ones); each layer trains d (R) and b (out)
+    lorafix:R                    LoRA-FIX: lora:R with every lora_A frozen at its random init, so
+                                 only the B factors train (half of LoRA's adapter parameters when
+                                 in = out)
+    adapterdrop:R                AdapterDrop: houlsby:R without the adapters of the lowest
+                                 ``drop`` blocks (default: half the blocks, rounded down, e.g. 3 of
+                                 MiniLM's 6, 8 of EfficientNet-Lite0's 16); adapters outside the
+                                 blocks (EfficientNet's head convolution) stay
+    lntuning                     PEFT LN tuning: a trainable copy of every normalisation layer
+                                 (weight and bias; BERT's LayerNorms, EfficientNet's BatchNorms)
 
 Knobs follow as ``key=value``: ``block_size``, ``rank``, ``terms``, ``factors`` (SURM), ``alpha``
-(SURM scale, or LoRA's lora_alpha), ``dropout``, ``activation`` (serial).  Examples:
-``lora:8``, ``surm:circulant``, ``surm:circulant:block_size=128``, ``surm:ldr:rank=2``,
-``surm:toeplitz:serial``, ``houlsby:32``, ``pfeiffer:24``, ``c3a:64``.
+(SURM scale, LoRA's lora_alpha, LoKr's alpha, FourierFT's scaling), ``dropout``, ``activation``
+(serial), ``drop`` (AdapterDrop).  Examples: ``lora:8``, ``surm:circulant``,
+``surm:circulant:block_size=128``, ``surm:ldr:rank=2``, ``surm:toeplitz:serial``, ``houlsby:32``,
+``pfeiffer:24``, ``c3a:64``, ``fourierft:1000``, ``adapterdrop:32:drop=2``.
 
 A method string is parsed once, where it enters (the command line, a preset), into a
 :class:`Method`; everything downstream takes the :class:`Method`.
@@ -25,7 +49,8 @@ Every method also trains the classification head (``modules_to_save``).  Where a
 given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: query/value for parallel
 updates, attention-output and FFN-output projections for serial ones) or :data:`IMAGE`
 (EfficientNet-Lite0: every 1x1 convolution); :data:`PROFILES` gives the profile of a data
-set's modality (:func:`surm.data.modality`).
+set's modality (:func:`surm.data.modality`).  PEFT's FourierFT and VeRA adapt Linear layers
+only, so they refuse :data:`IMAGE`, whose targets are convolutions.
 """
 
 from __future__ import annotations
@@ -52,6 +77,7 @@ __all__ = [
     "Method",
     "Profile",
     "apply",
+    "count_blocks",
     "count_trainable",
     "default_head_lr",
     "default_lr",
@@ -60,10 +86,18 @@ __all__ = [
     "plain_pointwise_convs",
 ]
 
-KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "c3a", "surm")
-_NEEDS_RANK = ("lora", "houlsby", "pfeiffer")
-_NO_KNOBS = ("full", "head", "bitfit", "c3a")
-_KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation")
+KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "c3a", "surm",
+         "lokr", "kadaptation", "fourierft", "vera", "lorafix", "adapterdrop", "lntuning")
+_NEEDS_RANK = ("lora", "houlsby", "pfeiffer", "lokr", "kadaptation", "vera", "lorafix", "adapterdrop")
+_NO_KNOBS = ("full", "head", "bitfit", "c3a", "lntuning")
+_KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation", "drop")
+#: The knobs a kind takes, where it takes only some (the others take any of ``_KNOBS`` but ``drop``).
+_KIND_KNOBS = {
+    "lokr": ("alpha",), "kadaptation": ("alpha",), "fourierft": ("alpha",), "vera": ("dropout",),
+    "lorafix": ("alpha", "dropout"), "adapterdrop": ("drop", "alpha", "dropout", "activation"),
+}
+#: Kinds whose size is written positionally but kept as a knob.
+_POSITIONAL_KNOB = {"c3a": "block_size", "fourierft": "n_frequency"}
 
 #: Default learning rates (AdamW, linear schedule, 6 % warm-up, batch 16), from the sweep in
 #: docs/lr_sweep.md.  Keys: a method kind, "surm:<placement>", or "surm:<structure>" (parallel)
@@ -100,9 +134,10 @@ class Method:
             parts.append(self.structure)
             if self.placement != "parallel":
                 parts.append(self.placement)
-        elif self.kind == "c3a":  # the block size is written positionally
-            parts.append(str(self.knob("block_size")))
-            knobs = ()
+        elif self.kind in _POSITIONAL_KNOB:  # the block size / frequency count is written positionally
+            key = _POSITIONAL_KNOB[self.kind]
+            parts.append(str(self.knob(key)))
+            knobs = tuple((k, v) for k, v in knobs if k != key)
         elif self.rank is not None:
             parts.append(str(self.rank))
         parts += [f"{k}={_show(v)}" for k, v in knobs]
@@ -123,14 +158,23 @@ class Method:
         if self.kind == "surm":
             return f"SURM {self.structure}" + (" (serial)" if self.placement == "serial" else "") + knobs
         names = {"full": "full fine-tuning", "head": "head only", "bitfit": "BitFit", "lora": "LoRA",
-                 "houlsby": "Houlsby adapter", "pfeiffer": "Pfeiffer adapter", "c3a": "C3A"}
+                 "houlsby": "Houlsby adapter", "pfeiffer": "Pfeiffer adapter", "c3a": "C3A", "lokr": "LoKr",
+                 "kadaptation": "KAdaptation", "fourierft": "FourierFT", "vera": "VeRA", "lorafix": "LoRA-FIX",
+                 "adapterdrop": "AdapterDrop", "lntuning": "LN tuning"}
         rank = f" r={self.rank}" if self.rank is not None else ""
+        if self.kind == "fourierft":
+            rest = "".join(f" {k}={_show(v)}" for k, v in self.knobs if k != "n_frequency")
+            return f"FourierFT n={self.knob('n_frequency')}" + rest
         return names[self.kind] + rank + knobs
 
     @property
     def lr_keys(self) -> tuple[str, ...]:
         """Keys of :data:`DEFAULT_LR` that apply, most specific first: ``lora``, or
-        ``surm:kronecker`` / ``surm:kronecker:serial`` then ``surm:parallel`` / ``surm:serial``."""
+        ``surm:kronecker`` / ``surm:kronecker:serial`` then ``surm:parallel`` / ``surm:serial``.
+        ``adapterdrop`` falls back on ``houlsby`` (the same adapters, fewer of them) and
+        ``kadaptation`` on ``lokr`` (the same adapter)."""
+        if self.kind in _LR_FALLBACK:
+            return (self.kind, _LR_FALLBACK[self.kind])
         if self.kind != "surm":
             return (self.kind,)
         own = f"surm:{self.structure}" + (":serial" if self.placement == "serial" else "")
@@ -140,13 +184,20 @@ class Method:
         return dict(self.knobs).get(key, default)
 
 
+_LR_FALLBACK = {"adapterdrop": "houlsby", "kadaptation": "lokr"}
+
+
 @dataclass(frozen=True)
 class Profile:
     """Where a model's head is and where adapters go.
 
     ``parallel`` (LoRA and parallel SURM), ``serial`` (Houlsby positions), ``ffn_out``
-    (Pfeiffer position) and ``lora`` (LoRA and C3A) are PEFT ``target_modules`` (a list of
-    suffixes or a regex); ``None`` means SURM's per-model-type defaults. ``head`` is the
+    (Pfeiffer position) and ``lora`` (LoRA, C3A, LoKr, FourierFT, VeRA) are PEFT
+    ``target_modules`` (a list of suffixes or a regex); ``None`` means SURM's per-model-type
+    defaults. ``norms`` are the normalisation layers LN tuning trains. ``blocks`` is the name of
+    the module list that holds the model's blocks (BERT's ``layer``), whose lowest ones
+    AdapterDrop leaves without adapters; None: the model has none. ``convolutional``: the
+    adapter targets are convolutions, which FourierFT and VeRA cannot adapt. ``head`` is the
     classification head's module name (None: a model without one; adapters then save no
     module). ``lr`` overrides :data:`DEFAULT_LR` entries.
     """
@@ -157,15 +208,20 @@ class Profile:
     ffn_out: Any = None
     lora: Any = ("query", "value")
     lr: dict[str, float] = field(default_factory=dict)
+    norms: Any = ("LayerNorm",)
+    blocks: str | None = "layer"
+    convolutional: bool = False
 
 
-TEXT = Profile(head="classifier", ffn_out=r".*layer\.\d+\.output\.dense", lora=("query", "value"))
+TEXT = Profile(head="classifier", ffn_out=r".*layer\.\d+\.output\.dense", lora=("query", "value"),
+               norms=("LayerNorm",), blocks="layer")
 
 _CONV1X1 = r".*(_expand_conv|_project_conv|_conv_head)"
 #: Learning rates for EfficientNet-Lite0 from the digits sweep (docs/lr_sweep.md): SURM on the 1x1
 #: convolutions collapses at 1e-2, so it gets smaller rates than on MiniLM.
 IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_project_conv", lora=_CONV1X1,
-                lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3, "surm:parallel": 3e-3, "surm:circulant": 1e-3})
+                lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3, "surm:parallel": 3e-3, "surm:circulant": 1e-3},
+                norms=r"(.*\.)?_bn\d+", blocks="_blocks", convolutional=True)
 
 #: The profile of each data modality (:func:`surm.data.modality`).
 PROFILES: dict[str, Profile] = {"text": TEXT, "image": IMAGE}
@@ -207,10 +263,17 @@ def parse(text: str | Method) -> Method:
         rank = int(positional.pop(0))
     if kind in _NO_KNOBS and knobs:
         raise ValueError(f"method {text!r}: {kind} takes no knobs")
-    if kind == "c3a":
+    allowed = _KIND_KNOBS.get(kind, tuple(k for k in _KNOBS if k != "drop"))
+    for key in knobs:
+        if key not in allowed:
+            raise ValueError(f"method {text!r}: {kind} takes no knob {key!r}; its knobs: {', '.join(allowed)}")
+    if "drop" in knobs and not (isinstance(knobs["drop"], int) and knobs["drop"] >= 0):
+        raise ValueError(f"method {text!r}: drop is a number of blocks, 0 or more")
+    if kind in _POSITIONAL_KNOB:
+        what, example = {"c3a": ("block size", "c3a:64"), "fourierft": ("number of frequencies", "fourierft:1000")}[kind]
         if not positional or not positional[0].isdigit() or int(positional[0]) < 1:
-            raise ValueError(f"method {text!r}: give a positive block size, e.g. c3a:64")
-        knobs["block_size"] = int(positional.pop(0))
+            raise ValueError(f"method {text!r}: give a positive {what}, e.g. {example}")
+        knobs[_POSITIONAL_KNOB[kind]] = int(positional.pop(0))
     if positional:
         raise ValueError(f"method {text!r}: unexpected part(s) {positional}. {_GRAMMAR}")
     return Method(kind, structure, placement, rank, tuple(sorted(knobs.items())))
@@ -218,7 +281,8 @@ def parse(text: str | Method) -> Method:
 
 _GRAMMAR = (
     "Method strings: full | head | bitfit | lora:R | houlsby:R | pfeiffer:R | c3a:B | "
-    "surm:STRUCTURE[:parallel|serial] with optional :key=value knobs (e.g. surm:ldr:rank=2)."
+    "surm:STRUCTURE[:parallel|serial] | lokr:R | kadaptation:R | fourierft:N | vera:R | lorafix:R | "
+    "adapterdrop:R[:drop=K] | lntuning, with optional :key=value knobs (e.g. surm:ldr:rank=2)."
 )
 
 
@@ -261,7 +325,9 @@ def apply(model: nn.Module, method: Method | str | peft.PeftConfig, profile: Pro
 
     ``full``, ``head`` and ``bitfit`` set ``requires_grad`` on ``model`` itself and return it;
     the adapter methods return a ``peft.PeftModel`` wrapping it (whose head is a trainable copy,
-    ``modules_to_save``). A PEFT config in place of a method is applied as it is.
+    ``modules_to_save``). ``lorafix`` then freezes every ``lora_A``; ``adapterdrop`` counts the
+    model's blocks (``profile.blocks``) to drop the lowest. A PEFT config in place of a method
+    is applied as it is.
     """
     if isinstance(method, peft.PeftConfig):
         return _wrap(model, method)
@@ -276,42 +342,112 @@ def apply(model: nn.Module, method: Method | str | peft.PeftConfig, profile: Pro
             )
             param.requires_grad_(trainable)
         return model
-    return _wrap(model, peft_config(method, profile))
+    wrapped = _wrap(model, peft_config(method, profile, model=model))
+    if method.kind == "lorafix":  # LoRA-FIX: A stays at its random initialisation, B alone trains
+        for name, param in wrapped.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return wrapped
 
 
 def _wrap(model: nn.Module, config: peft.PeftConfig) -> nn.Module:
     with warnings.catch_warnings():  # peft asks transformers >= 5 a deprecated question
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if isinstance(config, peft.LNTuningConfig):  # PEFT asks every norm layer for in/out widths, and warns
+            warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
         return peft.get_peft_model(model, config)
 
 
-def peft_config(method: Method | str, profile: Profile = TEXT) -> peft.PeftConfig | None:
+def peft_config(method: Method | str, profile: Profile = TEXT, model: nn.Module | None = None) -> peft.PeftConfig | None:
     """The PEFT config of an adapter method on ``profile``'s targets; None for ``full``,
-    ``head`` and ``bitfit``, which add no adapter."""
+    ``head`` and ``bitfit``, which add no adapter.
+
+    ``model`` is read by ``adapterdrop`` only, for its number of blocks: needed for the default
+    ``drop`` (half of them) and to check a given one; without it, ``drop`` must be given.
+    ``lorafix`` gives plain LoRA's config: freezing ``lora_A`` is :func:`apply`'s work.
+    Raises ValueError for FourierFT and VeRA on a convolutional profile (PEFT adapts Linear
+    layers only) and for AdapterDrop on a profile without blocks.
+    """
     method = parse(method)
     if method.kind in ("full", "head", "bitfit"):
         return None
     knobs = dict(method.knobs)
     save = [profile.head] if profile.head is not None else None
     lora_targets = profile.lora if isinstance(profile.lora, str) else list(profile.lora)
-    if method.kind == "lora":
+    if method.kind in ("fourierft", "vera") and profile.convolutional:
+        raise ValueError(f"{method.name}: PEFT's {method.label.split()[0]} adapts Linear layers only, and this "
+                         f"profile's targets are convolutions (EfficientNet's 1x1 convolutions); use lora, lokr, "
+                         f"c3a or surm there")
+    if method.kind in ("lora", "lorafix"):
         return peft.LoraConfig(
             r=method.rank, lora_alpha=knobs.get("alpha", 8), lora_dropout=knobs.get("dropout", 0.0),
             target_modules=lora_targets, modules_to_save=save,
         )
     if method.kind == "c3a":
         return peft.C3AConfig(block_size=knobs["block_size"], target_modules=lora_targets, modules_to_save=save)
-    if method.kind in ("houlsby", "pfeiffer"):
-        targets = profile.serial if method.kind == "houlsby" else profile.ffn_out
+    if method.kind in ("lokr", "kadaptation"):
+        return peft.LoKrConfig(
+            r=method.rank, alpha=knobs.get("alpha", method.rank), decompose_both=False,
+            target_modules=lora_targets, modules_to_save=save,
+        )
+    if method.kind == "fourierft":
+        return peft.FourierFTConfig(
+            n_frequency=knobs["n_frequency"], scaling=float(knobs.get("alpha", 150.0)),
+            target_modules=lora_targets, modules_to_save=save,
+        )
+    if method.kind == "vera":
+        return peft.VeraConfig(
+            r=method.rank, vera_dropout=knobs.get("dropout", 0.0), target_modules=lora_targets, modules_to_save=save,
+        )
+    if method.kind == "lntuning":
+        norms = profile.norms if isinstance(profile.norms, str) else list(profile.norms)
+        return peft.LNTuningConfig(target_modules=norms, modules_to_save=save)
+    if method.kind in ("houlsby", "pfeiffer", "adapterdrop"):
+        targets = profile.ffn_out if method.kind == "pfeiffer" else profile.serial
+        exclude = _lowest_blocks(method, profile, model, knobs.pop("drop", None)) if method.kind == "adapterdrop" else None
         return surm.SurmConfig(
             structure="low_rank", rank=method.rank, placement="serial",
-            activation=knobs.pop("activation", "relu"), target_modules=targets, modules_to_save=save, **knobs,
+            activation=knobs.pop("activation", "relu"), target_modules=targets, modules_to_save=save,
+            exclude_modules=exclude, **knobs,
         )
     targets = profile.serial if method.placement == "serial" else profile.parallel
     return surm.SurmConfig(
         structure=method.structure, placement=method.placement, target_modules=targets,
         modules_to_save=save, **knobs,
     )
+
+
+def _lowest_blocks(method: Method, profile: Profile, model: nn.Module | None, drop: int | None) -> str | None:
+    """AdapterDrop's ``exclude_modules``: a regex for every module inside the lowest ``drop``
+    blocks (default: half of the model's blocks, rounded down); None when it drops none."""
+    if profile.blocks is None:
+        raise ValueError(f"{method.name}: this profile names no blocks (Profile.blocks) to drop adapters from")
+    n_blocks = count_blocks(model, profile) if model is not None else None
+    if drop is None:
+        if n_blocks is None:
+            raise ValueError(f"{method.name}: the default drop is half the model's blocks; pass the model, or "
+                             f"give drop=K")
+        drop = n_blocks // 2
+    if n_blocks is not None and drop >= n_blocks:
+        raise ValueError(f"{method.name}: drop={drop} leaves no block of {n_blocks} with adapters; "
+                         f"drop at most {n_blocks - 1}")
+    if drop == 0:
+        return None
+    lowest = "|".join(str(i) for i in range(drop))
+    return rf"(.*\.)?{re.escape(profile.blocks)}\.({lowest})\..*"
+
+
+def count_blocks(model: nn.Module, profile: Profile = TEXT) -> int:
+    """Number of blocks of ``model``: the length of its module list called ``profile.blocks``
+    (BERT's ``bert.encoder.layer``, EfficientNet's ``_blocks``)."""
+    lengths = {len(module) for name, module in model.named_modules()
+               if profile.blocks is not None and (name == profile.blocks or name.endswith("." + profile.blocks))
+               and isinstance(module, (nn.ModuleList, nn.Sequential))}
+    if len(lengths) != 1:
+        found = "none" if not lengths else f"lists of {sorted(lengths)} blocks"
+        raise ValueError(f"{type(model).__name__}: expected one module list called {profile.blocks!r} holding the "
+                         f"blocks, found {found}")
+    return lengths.pop()
 
 
 def plain_pointwise_convs(model: nn.Module) -> nn.Module:
