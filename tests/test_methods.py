@@ -1,6 +1,8 @@
 """surm.methods: the method-string grammar, applying methods to a model, learning-rate defaults."""
 
 import peft
+
+import surm
 import pytest
 import torch
 from torch import nn
@@ -61,7 +63,7 @@ def test_parse(text, kind, structure, placement, rank, knobs):
         ("lora:8:9", "unexpected"),
         ("c3a", "positive block size"),
         ("c3a:0", "positive block size"),
-        ("c3a:64:alpha=2", "takes no knobs"),
+        ("c3a:64:alpha=2", "c3a takes no knob .alpha."),
         ("lokr", "positive rank"),
         ("vera:0", "positive rank"),
         ("fourierft", "positive number of frequencies"),
@@ -104,16 +106,23 @@ def test_parse_takes_a_method_as_it_is():
 
 
 def test_default_lr_lookup_chain(monkeypatch):
+    # SURM takes surm.recommended_lr of its config unless a table names it
+    assert methods.default_lr("surm:circulant") == surm.recommended_lr(surm.SurmConfig(structure="circulant"))
+    assert methods.default_lr("surm:kronecker:serial") == surm.recommended_lr(
+        surm.SurmConfig(structure="kronecker", placement="serial"))
+    assert methods.default_lr("surm:kronecker:scaling=none") == surm.recommended_lr(
+        surm.SurmConfig(structure="kronecker", scaling="none"))
     monkeypatch.setitem(methods.DEFAULT_LR, "surm:kronecker", 0.123)
     assert methods.default_lr("surm:kronecker") == 0.123
-    assert methods.default_lr("surm:kronecker:serial") == methods.DEFAULT_LR["surm:serial"]
-    assert methods.default_lr("surm:circulant") == methods.DEFAULT_LR["surm:parallel"]
+    monkeypatch.setitem(methods.DEFAULT_LR, "surm:parallel", 0.456)
+    assert methods.default_lr("surm:circulant") == 0.456
     assert methods.default_lr("lora:1") == methods.DEFAULT_LR["lora"]
     profile = methods.Profile(head="classifier", lr={"lora": 0.5})
     assert methods.default_lr("lora:8", profile) == 0.5
     assert methods.default_lr("head", profile) == methods.DEFAULT_LR["head"]
     for kind in ("full", "head", "bitfit", "lora:1", "houlsby:2", "pfeiffer:2", "surm:ldr", "surm:circulant:serial"):
         assert methods.default_lr(kind) > 0
+    monkeypatch.delitem(methods.DEFAULT_LR, "c3a")
     with pytest.raises(ValueError, match="no default learning rate for c3a:64 .* give one"):
         methods.default_lr("c3a:64")
 
@@ -145,8 +154,11 @@ def test_full_head_bitfit_set_requires_grad():
     "method, expected_adapter_params",
     [
         ("lora:2", 2 * 2 * (24 + 24) * 2),  # 2 layers x (query, value) x r (m + n)
-        ("surm:circulant", 2 * 2 * 24),
-        ("surm:toeplitz", 2 * 2 * 47),
+        # every linear map of the 2 blocks: 4 of 24 x 24, FFN in 48 x 24 and out 24 x 48
+        ("surm:circulant", 2 * (4 * 24 + 2 * 48)),
+        ("surm:toeplitz", 2 * (4 * 47 + 2 * 71)),
+        ("surm:circulant:targets=qv", 2 * 2 * 24),
+        ("lora:2:targets=all", 2 * 2 * (4 * 48 + 2 * 72)),
         ("surm:circulant:serial", 2 * 2 * (24 + 24)),  # Houlsby positions: S (24) + beta (24)
         ("houlsby:4", 2 * 2 * (2 * 24 * 4 + 4 + 24)),
         ("pfeiffer:4", 2 * 1 * (2 * 24 * 4 + 4 + 24)),
@@ -182,10 +194,29 @@ def test_peft_config_without_a_head_saves_no_module():
 
 def test_surm_knobs_reach_the_layers():
     model, _, _ = bert(torch.float32)
-    wrapped = methods.apply(model, "surm:circulant:block_size=8:alpha=0.5")
+    wrapped = methods.apply(model, "surm:circulant:block_size=8:alpha=0.5:targets=qv:scaling=none")
     layers = [m for m in wrapped.modules() if isinstance(m, SurmLayer)]
-    assert layers and all(layer.surm_alpha["default"] == 0.5 for layer in layers)
+    assert len(layers) == 4 and all(layer.surm_alpha["default"] == 0.5 for layer in layers)
     assert all(layer.surm_matrix["default"].num_params == 24 * 24 // 8 for layer in layers)
+    scaled = methods.apply(bert(torch.float32)[0], "surm:circulant:alpha=0.5:targets=qv")
+    assert all(layer.surm_alpha["default"] == pytest.approx(0.5 / 24 ** 0.5)
+               for layer in scaled.modules() if isinstance(layer, SurmLayer))
+
+
+def test_bottleneck_adapters_keep_alpha_alone():
+    for method in ("houlsby:4", "pfeiffer:4", "adapterdrop:4:drop=1"):
+        assert methods.peft_config(method).scaling == "none"
+
+
+@pytest.mark.parametrize("text, match", [
+    ("lora:2:targets=everything", "targets must be one of"),
+    ("surm:circulant:serial:targets=all", "targets is for parallel"),
+    ("lora:2:scaling=none", "scaling is a SURM knob"),
+    ("houlsby:4:targets=all", "houlsby takes no knob 'targets'"),
+])
+def test_targets_and_scaling_knob_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        methods.parse(text)
 
 
 class _SamePadConv(nn.Conv2d):

@@ -10,8 +10,9 @@ Method strings (``kind[:positional][:key=value]...``)::
                                  FFN output of every block: SURM serial low_rank + relu
     pfeiffer:R                   the same, after the FFN output only
     c3a:B                        PEFT C3A (block-circulant, block size B) on the LoRA positions
-    surm:STRUCTURE[:PLACEMENT]   SURM with a structured matrix; PLACEMENT parallel (default, LoRA
-                                 positions) or serial (adapter positions, no bottleneck, gelu)
+    surm:STRUCTURE[:PLACEMENT]   SURM with a structured matrix; PLACEMENT parallel (default, every
+                                 linear map of each block) or serial (adapter positions, no
+                                 bottleneck, gelu)
     lokr:R                       PEFT LoKr on the LoRA positions: dW = w1 kron (w2_a w2_b), w2 of
                                  rank R (a full w2 once R reaches half its larger side), scale
                                  alpha / R with alpha = R (so 1) unless the alpha knob is given
@@ -36,8 +37,11 @@ Method strings (``kind[:positional][:key=value]...``)::
     lntuning                     PEFT LN tuning: a trainable copy of every normalisation layer
                                  (weight and bias; BERT's LayerNorms, EfficientNet's BatchNorms)
 
-Knobs follow as ``key=value``: ``block_size``, ``rank``, ``terms``, ``factors`` (SURM), ``alpha``
-(SURM scale, LoRA's lora_alpha, LoKr's alpha, FourierFT's scaling), ``dropout``, ``activation``
+Knobs follow as ``key=value``: ``block_size``, ``rank``, ``terms``, ``factors``, ``scaling``
+(SURM: ``width`` by default, ``none`` for alpha alone), ``targets`` (``qv``: attention query and
+value, the default of the LoRA-family methods; ``all``: every linear map of each block, the
+default of parallel SURM), ``alpha`` (SURM's multiplier, LoRA's lora_alpha, LoKr's alpha,
+FourierFT's scaling), ``dropout``, ``activation``
 (serial), ``drop`` (AdapterDrop).  Examples: ``lora:8``, ``surm:circulant``,
 ``surm:circulant:block_size=128``, ``surm:ldr:rank=2``, ``surm:toeplitz:serial``, ``houlsby:32``,
 ``pfeiffer:24``, ``c3a:64``, ``fourierft:1000``, ``adapterdrop:32:drop=2``.
@@ -46,8 +50,9 @@ A method string is parsed once, where it enters (the command line, a preset), in
 :class:`Method`; everything downstream takes the :class:`Method`.
 
 Every method also trains the classification head (``modules_to_save``).  Where adapters go is
-given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: query/value for parallel
-updates, attention-output and FFN-output projections for serial ones) or :data:`IMAGE`
+given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: every linear map of each
+block for parallel SURM, query/value for the LoRA family unless ``targets=all``,
+attention-output and FFN-output projections for serial adapters) or :data:`IMAGE`
 (EfficientNet-Lite0: every 1x1 convolution); :data:`PROFILES` gives the profile of a data
 set's modality (:func:`surm.data.modality`).  PEFT's FourierFT and VeRA adapt Linear layers
 only, so they refuse :data:`IMAGE`, whose targets are convolutions.
@@ -89,13 +94,19 @@ __all__ = [
 KINDS = ("full", "head", "bitfit", "lora", "houlsby", "pfeiffer", "c3a", "surm",
          "lokr", "kadaptation", "fourierft", "vera", "lorafix", "adapterdrop", "lntuning")
 _NEEDS_RANK = ("lora", "houlsby", "pfeiffer", "lokr", "kadaptation", "vera", "lorafix", "adapterdrop")
-_NO_KNOBS = ("full", "head", "bitfit", "c3a", "lntuning")
-_KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation", "drop")
-#: The knobs a kind takes, where it takes only some (the others take any of ``_KNOBS`` but ``drop``).
+_NO_KNOBS = ("full", "head", "bitfit", "lntuning")
+_KNOBS = ("block_size", "rank", "terms", "factors", "alpha", "dropout", "activation", "drop", "targets", "scaling")
+#: The knobs a kind takes, where it takes only some (the others, LoRA and SURM, take any of
+#: ``_KNOBS`` but ``drop``).
 _KIND_KNOBS = {
-    "lokr": ("alpha",), "kadaptation": ("alpha",), "fourierft": ("alpha",), "vera": ("dropout",),
-    "lorafix": ("alpha", "dropout"), "adapterdrop": ("drop", "alpha", "dropout", "activation"),
+    "lokr": ("alpha", "targets"), "kadaptation": ("alpha", "targets"), "fourierft": ("alpha", "targets"),
+    "vera": ("dropout", "targets"), "lorafix": ("alpha", "dropout", "targets"), "c3a": ("targets",),
+    "houlsby": ("alpha", "dropout", "activation"), "pfeiffer": ("alpha", "dropout", "activation"),
+    "adapterdrop": ("drop", "alpha", "dropout", "activation"),
 }
+#: Values of the ``targets`` knob: ``qv`` the attention query and value (LoRA's usual
+#: setup, ``Profile.lora``), ``all`` every linear map of each block (``Profile.block``).
+TARGETS = ("qv", "all")
 #: Kinds whose size is written positionally but kept as a knob.
 _POSITIONAL_KNOB = {"c3a": "block_size", "fourierft": "n_frequency"}
 
@@ -109,9 +120,15 @@ DEFAULT_LR: dict[str, float] = {
     "lora": 3e-3,
     "houlsby": 3e-3,
     "pfeiffer": 3e-3,
-    "surm:parallel": 5e-3,
-    "surm:kronecker": 3e-2,
-    "surm:serial": 3e-3,  # re-swept at 128 steps (3 seeds): 1e-2 (best at 64 steps) collapsed one seed of three
+    # not swept before the fair re-runs, which choose each on validation from x1/3, x1, x3 of
+    # these: PEFT's docs for C3A suggest rates near 1e-1, FourierFT and VeRA want large ones
+    "c3a": 1e-1,
+    "lokr": 3e-3,
+    "fourierft": 3e-2,
+    "vera": 1e-2,
+    "lorafix": 3e-3,
+    "lntuning": 3e-3,  # the norm layers; the head trains at "head" (default_head_lr), as for BitFit
+    # SURM: surm.recommended_lr of the method's config (default_lr), unless a profile overrides it
 }
 
 
@@ -199,7 +216,9 @@ class Profile:
     AdapterDrop leaves without adapters; None: the model has none. ``convolutional``: the
     adapter targets are convolutions, which FourierFT and VeRA cannot adapt. ``head`` is the
     classification head's module name (None: a model without one; adapters then save no
-    module). ``lr`` overrides :data:`DEFAULT_LR` entries.
+    module). ``lr`` overrides :data:`DEFAULT_LR` entries. ``block`` is every linear map of each
+    block (BERT: query, key, value, attention output, FFN in and out), the ``targets=all`` of
+    the LoRA-family methods.
     """
 
     head: str | None
@@ -208,6 +227,7 @@ class Profile:
     ffn_out: Any = None
     lora: Any = ("query", "value")
     lr: dict[str, float] = field(default_factory=dict)
+    block: Any = ("query", "key", "value", "output.dense", "intermediate.dense")
     norms: Any = ("LayerNorm",)
     blocks: str | None = "layer"
     convolutional: bool = False
@@ -217,10 +237,10 @@ TEXT = Profile(head="classifier", ffn_out=r".*layer\.\d+\.output\.dense", lora=(
                norms=("LayerNorm",), blocks="layer")
 
 _CONV1X1 = r".*(_expand_conv|_project_conv|_conv_head)"
-#: Learning rates for EfficientNet-Lite0 from the digits sweep (docs/lr_sweep.md): SURM on the 1x1
-#: convolutions collapses at 1e-2, so it gets smaller rates than on MiniLM.
+#: Learning rates for EfficientNet-Lite0 from the digits sweep (docs/lr_sweep.md). SURM takes
+#: surm.recommended_lr, as on text: the width scale is what makes one rate fit.
 IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_project_conv", lora=_CONV1X1,
-                lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3, "surm:parallel": 3e-3, "surm:circulant": 1e-3},
+                lr={"full": 1e-3, "head": 1e-2, "lora": 3e-3}, block=_CONV1X1,
                 norms=r"(.*\.)?_bn\d+", blocks="_blocks", convolutional=True)
 
 #: The profile of each data modality (:func:`surm.data.modality`).
@@ -267,6 +287,14 @@ def parse(text: str | Method) -> Method:
     for key in knobs:
         if key not in allowed:
             raise ValueError(f"method {text!r}: {kind} takes no knob {key!r}; its knobs: {', '.join(allowed)}")
+    if "targets" in knobs and knobs["targets"] not in TARGETS:
+        raise ValueError(f"method {text!r}: targets must be one of {TARGETS} (qv: attention query and value; "
+                         f"all: every linear map of each block)")
+    if "targets" in knobs and placement == "serial":
+        raise ValueError(f"method {text!r}: targets is for parallel placements; serial adapters sit at the "
+                         f"Houlsby positions")
+    if "scaling" in knobs and kind != "surm":
+        raise ValueError(f"method {text!r}: scaling is a SURM knob")
     if "drop" in knobs and not (isinstance(knobs["drop"], int) and knobs["drop"] >= 0):
         raise ValueError(f"method {text!r}: drop is a number of blocks, 0 or more")
     if kind in _POSITIONAL_KNOB:
@@ -298,12 +326,18 @@ def _show(value: Any) -> str:
 
 
 def default_lr(method: Method | str, profile: Profile | None = None) -> float:
-    """The default learning rate of a method: ``profile.lr``, else :data:`DEFAULT_LR`."""
+    """The default learning rate of a method: ``profile.lr``, else :data:`DEFAULT_LR`, else,
+    for SURM, :func:`surm.recommended_lr` of its config."""
     method = parse(method)
     for table in (profile.lr if profile is not None else {}, DEFAULT_LR):
         for key in method.lr_keys:
             if key in table:
                 return table[key]
+    if method.kind == "surm":
+        from surm.peft.recommend import recommended_lr
+
+        return recommended_lr(surm.SurmConfig(structure=method.structure, placement=method.placement,
+                                              scaling=method.knob("scaling", "width")))
     raise ValueError(f"no default learning rate for {method.name} (none was swept for {method.kind}); "
                      f"give one: --lr, or lr in the preset")
 
@@ -312,12 +346,15 @@ def default_head_lr(method: Method | str, profile: Profile | None = None) -> flo
     """The default learning rate of the classification head when it differs from the method's
     (None: the head trains at the method's rate).
 
-    BitFit trains its head at head-only's rate: at any single rate from 1e-3 to 1e-1, either the
-    new head learns too slowly or the LayerNorm biases move too far, and every run stayed on the
+    The head trains at the method's rate, the same rule for every method (a head at head-only's
+    1e-1 cost LoRA r=8 0.9 and SURM circulant 1.0 validation points on Rotten Tomatoes), except
+    where the method itself trains only biases or norm layers: BitFit and LN tuning train their
+    head at head-only's rate, since at any single rate from 1e-3 to 1e-1, either the new head
+    learns too slowly or the biases move too far, and every BitFit run stayed on the
     majority-class plateau (docs/lr_sweep.md).
     """
     method = parse(method)
-    return default_lr("head", profile) if method.kind == "bitfit" else None
+    return default_lr("head", profile) if method.kind in ("bitfit", "lntuning") else None
 
 
 def apply(model: nn.Module, method: Method | str | peft.PeftConfig, profile: Profile = TEXT) -> nn.Module:
@@ -373,7 +410,8 @@ def peft_config(method: Method | str, profile: Profile = TEXT, model: nn.Module 
         return None
     knobs = dict(method.knobs)
     save = [profile.head] if profile.head is not None else None
-    lora_targets = profile.lora if isinstance(profile.lora, str) else list(profile.lora)
+    where = knobs.pop("targets", None)
+    lora_targets = _targets(profile.block if where == "all" else profile.lora)
     if method.kind in ("fourierft", "vera") and profile.convolutional:
         raise ValueError(f"{method.name}: PEFT's {method.label.split()[0]} adapts Linear layers only, and this "
                          f"profile's targets are convolutions (EfficientNet's 1x1 convolutions); use lora, lokr, "
@@ -405,16 +443,24 @@ def peft_config(method: Method | str, profile: Profile = TEXT, model: nn.Module 
     if method.kind in ("houlsby", "pfeiffer", "adapterdrop"):
         targets = profile.ffn_out if method.kind == "pfeiffer" else profile.serial
         exclude = _lowest_blocks(method, profile, model, knobs.pop("drop", None)) if method.kind == "adapterdrop" else None
-        return surm.SurmConfig(
-            structure="low_rank", rank=method.rank, placement="serial",
+        return surm.SurmConfig(  # the classic bottleneck adapter: alpha alone, no width scale
+            structure="low_rank", rank=method.rank, placement="serial", scaling="none",
             activation=knobs.pop("activation", "relu"), target_modules=targets, modules_to_save=save,
             exclude_modules=exclude, **knobs,
         )
-    targets = profile.serial if method.placement == "serial" else profile.parallel
+    if method.placement == "serial":
+        targets = profile.serial
+    else:
+        targets = {None: profile.parallel, "all": _targets(profile.block), "qv": lora_targets}[where]
     return surm.SurmConfig(
         structure=method.structure, placement=method.placement, target_modules=targets,
         modules_to_save=save, **knobs,
     )
+
+
+def _targets(targets: Any) -> Any:
+    """A profile's targets as PEFT takes them: a regex string, or a list of names."""
+    return targets if isinstance(targets, str) or targets is None else list(targets)
 
 
 def _lowest_blocks(method: Method, profile: Profile, model: nn.Module | None, drop: int | None) -> str | None:

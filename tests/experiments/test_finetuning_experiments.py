@@ -62,19 +62,19 @@ def test_lowres_min_steps_only_where_an_epoch_is_shorter():
     assert by_fraction == {0.01: 64, 0.05: 64, 0.1: 0, 0.25: 0}  # 10 %: one epoch is 64 steps already
 
 
-def test_nlp_full_contains_the_quick_runs():
+def test_nlp_every_family_contains_the_quick_runs():
     quick = {s.key for s in nlp.specs(nlp.PRESETS["quick"])}
-    assert quick <= {s.key for s in nlp.specs(nlp.PRESETS["full"])}
+    assert quick <= {s.key for s in nlp.specs(nlp.PRESETS["every_family"])}
 
 
 def test_nlp_saves_deltas_of_parallel_updates_on_rotten_tomatoes():
-    saved = {s.method.name for s in nlp.specs(nlp.PRESETS["full"]) if s.save_deltas}
+    saved = {s.method.name for s in nlp.specs(nlp.PRESETS["every_family"]) if s.save_deltas}
     assert saved == {"full", "lora:1", "lora:4", "lora:8", "surm:circulant", "surm:skew_circulant", "surm:toeplitz",
                      "surm:symmetric_toeplitz", "surm:kronecker", "surm:ldr:rank=1"}
 
 
 def test_cka_reuses_the_nlp_runs():
-    nlp_keys = {s.key for s in nlp.specs(nlp.PRESETS["full"]) if s.dataset == "rotten_tomatoes"}
+    nlp_keys = {s.key for s in nlp.specs(nlp.PRESETS["every_family"]) if s.dataset == "rotten_tomatoes"}
     assert {s.key for s in cka.specs(cka.PRESETS["full"])} <= nlp_keys
 
 

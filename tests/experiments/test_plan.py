@@ -49,8 +49,8 @@ def test_a_spec_carries_its_adapter_into_the_key(smoke_plans):
     assert adapter_json(carried.adapter_config()) == adapter  # canonical: a round trip changes nothing
 
 
-@pytest.mark.parametrize("budget, single, expected", [("lora:1", "surm:toeplitz", 9_204),
-                                                      ("lora:8", "surm:circulant:block_size=24", 73_728)])
+@pytest.mark.parametrize("budget, single, expected", [("lora:1", "surm:toeplitz:targets=qv", 9_204),
+                                                      ("lora:8", "surm:circulant:block_size=24:targets=qv", 73_728)])
 def test_references_sit_at_the_budgets_on_minilm(budget, single, expected):
     from surm.commands.finetune import _skeleton
 

@@ -31,7 +31,10 @@ def test_modality_comes_from_the_data_registry():
         RunSpec("imdb", "head")
 
 
-def test_a_method_without_a_default_rate_is_refused_at_once():
+def test_a_method_without_a_default_rate_is_refused_at_once(monkeypatch):
+    from surm import methods
+
+    monkeypatch.delitem(methods.DEFAULT_LR, "c3a")
     with pytest.raises(ValueError, match="no default learning rate for c3a:64"):
         RunSpec("rotten_tomatoes", "c3a:64")
     assert RunSpec("rotten_tomatoes", "c3a:64", lr=0.1).effective_lr == 0.1

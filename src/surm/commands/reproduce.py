@@ -60,6 +60,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a setting of the preset (VALUE: a Python literal or a word), repeatable")
     p.add_argument("--show-preset", action="store_true", help="print the settings (after --set) and exit")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="train N runs at once, each in its own process on one thread (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
@@ -94,7 +96,10 @@ def run(args: argparse.Namespace) -> dict:
         for name, (_, config) in todo.items():
             print(f"{name}: {presets.describe(config)}")
         return {}
-    runner = Runner(RunStore(args.store or outputs.RUN_STORE), fresh=args.fresh, progress=not args.quiet)
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    runner = Runner(RunStore(args.store or outputs.RUN_STORE), fresh=args.fresh, progress=not args.quiet,
+                    jobs=args.jobs)
     results = {}
     for name, (module, config) in todo.items():
         if args.experiment == "all":

@@ -43,7 +43,8 @@ BASELINE = "pretrained W0"  # the row of no update at all
 class CkaPreset(Preset):
     """The CKA experiment's settings: which of the ``nlp`` runs it compares."""
 
-    source: Literal["smoke", "quick", "full"] = setting("quick", "the nlp preset whose runs (and threads) it uses")
+    source: Literal["smoke", "quick", "every_family"] = setting(
+        "quick", "the nlp preset whose runs (and threads) it uses (every_family: each method at its default rate)")
     dataset: str = setting("rotten_tomatoes", "a data set of the source preset")
     reference: Method = setting("full", "the method the others are compared with")
     methods: tuple[Method, ...] = setting(("lora:8", "surm:circulant", "surm:toeplitz"), "methods to compare")
@@ -54,7 +55,7 @@ class CkaPreset(Preset):
 PRESETS: dict[str, CkaPreset] = {
     "smoke": CkaPreset(name="smoke", source="smoke", methods=("lora:2", "surm:circulant", "surm:toeplitz")),
     "quick": CkaPreset(name="quick"),
-    "full": CkaPreset(name="full", source="full", methods=("lora:1", "lora:8", *PARALLEL_FAMILIES), seeds=(0, 1, 2)),
+    "full": CkaPreset(name="full", source="every_family", methods=("lora:1", "lora:8", *PARALLEL_FAMILIES), seeds=(0, 1, 2)),
 }
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surm.methods import Method, parse
+from surm.peft.recommend import WIDTH_SCALED_LR
 
 from . import plots, report
 from .presets import Preset, setting
@@ -44,6 +45,15 @@ IMAGE_GRID = {
     "surm:circulant": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
     "surm:toeplitz": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2],
 }
+#: The window of the width-scaled SURM adapters: every family (and the serial placement) at
+#: surm.recommended_lr times 1/10, 1/3, 1, 3 and 10, on the settings of TEXT_GRID's sweep
+#: (which ran before the scale, alpha alone, on query and value).
+SCALE_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
+SCALE_GRID = {
+    method: tuple(float(f"{WIDTH_SCALED_LR * f:.3g}") for f in SCALE_FACTORS)
+    for method in ("surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
+                   "surm:kronecker", "surm:ldr", "surm:circulant:serial")
+}
 #: seeds of the sweep, disjoint from the reported seeds 0-2
 SWEEP_SEEDS = (100,)
 
@@ -69,6 +79,7 @@ PRESETS: dict[str, SweepPreset] = {
                          train_fraction=0.005, n_eval=32, seeds=(0,), threads=1),
     "quick": SweepPreset(name="quick"),
     "full": SweepPreset(name="full", grid=TEXT_GRID),
+    "scale": SweepPreset(name="scale", grid=SCALE_GRID),
     "vision": SweepPreset(name="vision", model="efficientnet", dataset="digits", grid=IMAGE_GRID, train_fraction=1.0,
                           batch_size=32),
 }

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from surm.methods import Method, parse
 
-from . import plots, report
+from . import plots, report, selection
 from .presets import Preset, lr_for, setting
 from .runs import RunRecord, RunSpec
 from .store import Runner
@@ -41,6 +41,25 @@ ALL_METHODS = (
     "surm:ldr:rank=1", "surm:circulant:serial", "surm:toeplitz:serial",
 )
 CORE_METHODS = ("full", "head", "lora:8", "surm:circulant", "surm:toeplitz")
+#: The fair re-run: every method's rate chosen on validation from the same-size grid.
+#: SURM at its defaults (every linear map of each block, scaled, surm.recommended_lr) against
+#: LoRA r=8 at its usual setup (query+value) and LoRA r=1 on SURM's maps (matched modules and
+#: about SURM Toeplitz's parameters), PEFT's structured methods at SURM circulant's
+#: parameter count on the same maps (C3A block 384, FourierFT 768 frequencies and VeRA rank 192
+#: exactly; LoKr r=8 28,416), the paper's other baselines, and the small end below LoRA r=1 (SURM on query+value).
+FAIR_RT = (
+    "head", "full", "bitfit", "lntuning", "lora:1", "lora:8", "lora:1:targets=all", "lorafix:8", "houlsby:32",
+    "adapterdrop:32", "c3a:384:targets=all", "fourierft:768:targets=all", "vera:192:targets=all",
+    "lokr:8:targets=all", "surm:circulant", "surm:toeplitz", "surm:kronecker", "surm:ldr",
+    "surm:circulant:targets=qv", "surm:circulant:serial",
+)
+FAIR_CORE = (
+    "head", "lora:8", "lora:1:targets=all", "c3a:384:targets=all", "fourierft:768:targets=all",
+    "surm:circulant", "surm:toeplitz",
+)
+FAIR_FACTORS = (1 / 3, 1.0, 3.0)
+#: SURM's documented defaults, also reported at surm.recommended_lr on every seed
+FAIR_DEFAULTS = ("surm:circulant", "surm:toeplitz")
 #: kinds whose merged query/value changes are saved (parallel placement only) for the CKA experiment
 DELTA_KINDS = ("full", "lora", "surm")
 LORA_8 = parse("lora:8")  # the reference of the "vs LoRA r=8" column
@@ -60,6 +79,11 @@ class NlpPreset(Preset):
     batch_size: int = setting(16, "batch size (the default learning rates assume 16)")
     lr: float | dict[Method, float] | None = setting(
         None, "learning rate: one for every method, {method: lr}, or None for each method's default")
+    lr_factors: tuple[float, ...] | None = setting(
+        None, "choose each method's rate on validation (first seed) from default * factor for each factor, e.g. "
+              "(1/3, 1, 3); None: train at lr / the default")
+    at_default: tuple[Method, ...] = setting(
+        (), "with lr_factors: methods also reported on every seed at their default rate")
     threads: int | None = setting(None, "torch threads (None: torch's default)")
 
     def __post_init__(self) -> None:
@@ -69,6 +93,8 @@ class NlpPreset(Preset):
                 raise ValueError(f"train_fraction: give one for {dataset} (it has methods)")
             if not methods:
                 raise ValueError(f"methods: {dataset} has none")
+        if self.lr_factors is not None and self.lr is not None:
+            raise ValueError("lr and lr_factors: give one (lr_factors chooses the rates on validation)")
 
 
 PRESETS: dict[str, NlpPreset] = {
@@ -82,17 +108,30 @@ PRESETS: dict[str, NlpPreset] = {
         seeds=(0,), train_fraction={"rotten_tomatoes": 0.2},
     ),
     "full": NlpPreset(
-        name="full", methods={"rotten_tomatoes": ALL_METHODS, "election_tweets": CORE_METHODS, "r8": CORE_METHODS},
+        name="full", methods={"rotten_tomatoes": FAIR_RT, "election_tweets": FAIR_CORE, "r8": FAIR_CORE},
+        seeds=(0, 1, 2), train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25},
+        lr_factors=FAIR_FACTORS, at_default=FAIR_DEFAULTS,
+    ),
+    "epochs3": NlpPreset(
+        name="epochs3", methods={"rotten_tomatoes": ("lora:8", "lora:1:targets=all", "surm:circulant", "surm:toeplitz")},
+        seeds=(0, 1, 2), train_fraction={"rotten_tomatoes": 0.2}, epochs=3.0,
+        lr_factors=FAIR_FACTORS, at_default=FAIR_DEFAULTS,
+    ),
+    "every_family": NlpPreset(
+        name="every_family", methods={"rotten_tomatoes": ALL_METHODS, "election_tweets": CORE_METHODS,
+                                      "r8": CORE_METHODS},
         seeds=(0, 1, 2), train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25},
     ),
 }
 
 
 def base_spec(config: NlpPreset, dataset: str) -> RunSpec:
-    """The run spec shared by every method and seed of ``dataset`` under ``config``."""
+    """The run spec shared by every method and seed of ``dataset`` under ``config`` (scored on
+    validation too when the rates are chosen there)."""
+    splits = ("validation", "test") if config.lr_factors is not None else ("test",)
     return RunSpec(
         dataset=dataset, method=parse("head"), model=config.model, train_fraction=config.train_fraction[dataset],
-        n_eval=config.n_eval, epochs=config.epochs, batch_size=config.batch_size,
+        n_eval=config.n_eval, epochs=config.epochs, batch_size=config.batch_size, eval_splits=splits,
     )
 
 
@@ -111,9 +150,20 @@ def specs(config: NlpPreset) -> list[RunSpec]:
 
 def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Run the text experiment into ``out_dir``."""
-    records, wall = runner.run_all(specs(config), "nlp", config.threads)
-    rows = report.aggregate(records)
-    markdown = tables(rows, config, wall, records)
+    chosen = None
+    if config.lr_factors is None:
+        records, wall = runner.run_all(specs(config), "nlp", config.threads)
+        rows = report.aggregate(records)
+    else:
+        bases = [base_spec(config, d).replace(method=m) for d, methods in config.methods.items() for m in methods]
+        chosen = selection.run_selected(runner, bases, config.lr_factors, config.seeds, "nlp", config.threads,
+                                        at_default=[m.name for m in config.at_default])
+        records, wall = chosen.final + chosen.at_default, chosen.wall_seconds
+        rows = report.aggregate(chosen.final)
+        for row in report.aggregate(chosen.at_default):
+            row.label += " at its default rate"
+            rows.append(row)
+    markdown = tables(rows, config, wall, records, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
     panels = {_panel_title(rows, d): [r for r in rows if r.dataset == d] for d in config.methods}
     figures = [plots.accuracy_vs_params(
@@ -126,6 +176,11 @@ def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
             title="R8 (eight imbalanced topics): test macro-F1 against trainable parameters"))
     payload = {"experiment": "nlp", "preset": config.name, "config": config, "wall_seconds": wall,
                "run_seconds": sum(r.seconds for r in records), "rows": rows, "runs": records}
+    if chosen is not None:
+        figures.append(sensitivity_plot(chosen, config, out_dir / "nlp_lr.png"))
+        payload["lr_chosen"] = [{"dataset": d, "method": m, "lr": lr, "default": chosen.defaults[(d, m)]}
+                                for (d, m), lr in chosen.chosen.items()]
+        payload["lr_grid_runs"] = chosen.sweep
     return report.write(out_dir, "nlp", payload, markdown, figures)
 
 
@@ -134,9 +189,16 @@ def _panel_title(rows: list[report.Row], dataset: str) -> str:
     return f"{DATASET_NAMES.get(dataset, dataset)} ({n_train:,} training examples)"
 
 
-def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list[RunRecord]) -> str:
-    """Markdown: one table per data set (methods by parameters) and the run sizes."""
+def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list[RunRecord],
+           chosen: selection.Selection | None = None) -> str:
+    """Markdown: one table per data set (methods by parameters), the learning-rate grids when
+    the rates were chosen on validation, and the run sizes."""
     lines = [f"# MiniLM text classification ({config.name} preset)\n"]
+    if chosen is not None:
+        lines.append(
+            f"\nEvery method's learning rate was chosen on the validation split from the same-size grid "
+            f"default × {', '.join(f'{f:.3g}' for f in config.lr_factors)} with seed {config.seeds[0]}; the other "
+            f"seeds trained at the chosen rate. Test accuracy played no part in the choice.\n")
     for dataset in config.methods:
         drows = [r for r in rows if r.dataset == dataset]
         lora8 = next((r.adapter_params for r in drows if r.method == LORA_8), None)
@@ -154,8 +216,15 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
                           ratio, report.fmt_lr(r.lr, r.head_lr), report.fmt_pct(r.accuracy, std),
                           report.fmt_pct(r.macro_f1, std), f"{r.train_seconds[0]:.0f}"])
         lines.append(report.markdown_table(header, table))
-        lines += [f"\n- {line}" for line in report.versus(drows, LORA_8)]
+        plain = [r for r in drows if not r.label.endswith("at its default rate")]
+        lines += [f"\n- {line}" for line in report.versus(plain, LORA_8)]
+        matched = next((r.method for r in plain if r.method.kind == "lora" and r.method != LORA_8
+                        and r.method.knob("targets") == "all"), None)
+        if matched is not None:
+            lines += [f"\n- {line}" for line in report.versus(plain, matched)]
         lines.append("\n" if lora8 else "")
+        if chosen is not None:
+            lines.append(grid_table(chosen, dataset, config))
     lines.append(
         f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
         f"trains ({'; '.join(_head_sizes(records))}). {len(records)} runs; wall time {report.fmt_duration(wall)} "
@@ -165,6 +234,49 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
     )
     lines.append(report.stored_note(records))
     return "".join(lines)
+
+
+def grid_table(chosen: selection.Selection, dataset: str, config: NlpPreset) -> str:
+    """Markdown: validation accuracy of each method at each factor of its grid (seed 0), the
+    chosen rate in bold."""
+    header = ["method", "default lr", *[f"× {f:.3g}" for f in config.lr_factors]]
+    table = []
+    for (d, name), lr in chosen.chosen.items():
+        if d != dataset:
+            continue
+        mine = sorted((r for r in chosen.sweep if r.spec.dataset == d and r.method.name == name), key=lambda r: r.lr)
+        cells = [(f"**{100 * r.validation['accuracy']:.1f}**" if r.lr == lr else f"{100 * r.validation['accuracy']:.1f}")
+                 for r in mine]
+        table.append([mine[0].label, f"{chosen.defaults[(d, name)]:g}", *cells])
+    return (f"\nValidation accuracy (%) over each method's learning-rate grid, seed {config.seeds[0]} "
+            f"(the chosen rate in bold):\n\n" + report.markdown_table(header, table) + "\n")
+
+
+def sensitivity_plot(chosen: selection.Selection, config: NlpPreset, path: Path) -> Path:
+    """Validation accuracy against the rate's factor over the default, one line per method,
+    one panel per data set."""
+    plt = plots.pyplot()
+    datasets = list(config.methods)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
+    methods = [r.method for r in chosen.sweep]
+    styles = plots.method_styles(methods)
+    for ax, dataset in zip(axes[0], datasets):
+        for (d, name), _ in chosen.chosen.items():
+            if d != dataset:
+                continue
+            mine = sorted((r for r in chosen.sweep if r.spec.dataset == d and r.method.name == name), key=lambda r: r.lr)
+            default = chosen.defaults[(d, name)]
+            ax.plot([r.lr / default for r in mine], [100 * r.validation["accuracy"] for r in mine],
+                    label=mine[0].label, mec="black", mew=0.5, alpha=0.9, **styles[mine[0].method])
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate / the method's default (log scale)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(DATASET_NAMES.get(dataset, dataset), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(f"Learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)", fontsize=10)
+    fig.tight_layout()
+    return plots.save(fig, path)
 
 
 def _head_sizes(records: list[RunRecord]) -> list[str]:

@@ -39,7 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surm.methods import DEFAULT_LR, Method, parse
+from surm.methods import Method, parse
+from surm.peft.recommend import WIDTH_SCALED_LR
 from surm.threads import torch_threads
 
 from . import nlp, plots, report
@@ -65,7 +66,7 @@ class PlanPreset(Preset):
     train_fraction: dict[str, float] = setting({"rotten_tomatoes": 0.2}, "data set -> fraction of its training set")
     seeds: tuple[int, ...] = setting((0,), "training seeds (each plans on its own batches)")
     budgets: dict[str, Method] = setting(
-        {"lora:1": "surm:toeplitz", "lora:8": "surm:circulant:block_size=24"},
+        {"lora:1": "surm:toeplitz:targets=qv", "lora:8": "surm:circulant:block_size=24:targets=qv"},
         "budget lora:R (LoRA r=R's parameters on query and value) -> the single-family method at about it")
     plan_batches: int = setting(4, "training batches the planner's gradient is averaged over")
     plan_batch_size: int = setting(16, "examples per planning batch")
@@ -74,7 +75,7 @@ class PlanPreset(Preset):
     batch_size: int = setting(16, "batch size (the default learning rates assume 16)")
     lr: float | dict[Method, float] | None = setting(
         None, "learning rate of the single-family and LoRA runs: one, {method: lr}, or None for the defaults")
-    planned_lr: float = setting(DEFAULT_LR["surm:parallel"], "learning rate of the planned configs")
+    planned_lr: float = setting(WIDTH_SCALED_LR, "learning rate of the planned configs (surm.recommended_lr)")
     threads: int | None = setting(None, "torch threads, for planning and training (None: torch's default)")
 
     def __post_init__(self) -> None:
@@ -91,7 +92,7 @@ class PlanPreset(Preset):
 PRESETS: dict[str, PlanPreset] = {
     "smoke": PlanPreset(
         name="smoke", model="tiny-bert", train_fraction={"rotten_tomatoes": 0.005}, n_eval=32,
-        budgets={"lora:1": "surm:toeplitz", "lora:8": "surm:circulant:block_size=2"},
+        budgets={"lora:1": "surm:toeplitz:targets=qv", "lora:8": "surm:circulant:block_size=2:targets=qv"},
         plan_batches=2, plan_batch_size=8, threads=1,
     ),
     "quick": PlanPreset(name="quick"),
