@@ -48,7 +48,8 @@ def test_each_alone_and_both_summed(placement_b):
         if placement_b == "parallel":
             expected = h + layer.surm_alpha["b"] * layer.surm_matrix["b"](x)
         else:  # serial adapters see the base output plus every parallel adapter
-            expected = h + torch.nn.functional.gelu(layer.surm_alpha["b"] * layer.surm_matrix["b"](h)) + layer.surm_bias["b"]
+            expected = (h + torch.nn.functional.gelu(layer.surm_alpha["b"] * layer.surm_matrix["b"](h))
+                        + layer.surm_bias_scale["b"] * layer.surm_bias["b"])
         torch.testing.assert_close(layer(x), expected)
     assert both.shape == base_out.shape
 

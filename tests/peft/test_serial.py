@@ -30,7 +30,8 @@ def test_serial_formula(activation):
         h = layer.base_layer(x)
         S = layer.surm_matrix["default"].dense()
         scale = 0.7 / (12 * layer.surm_matrix["default"].update_energy()) ** 0.5  # scaling="width", S 12 x 12
-        expected = h + act(scale * h @ S.T) + layer.surm_bias["default"]
+        # the bias enters with the width scale alone (alpha multiplies S only)
+        expected = h + act(scale * h @ S.T) + (scale / 0.7) * layer.surm_bias["default"]
         torch.testing.assert_close(layer(x), expected)
 
 

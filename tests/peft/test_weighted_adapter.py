@@ -260,8 +260,9 @@ def test_different_layout_knobs_are_refused():
     with pytest.raises(ValueError, match=r"adapters 'a' and 'b': they differ in block_size at .*query \(8 vs 4\)"):
         model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")
     _assert_unchanged(model, "mix")
-    model = _two(surm.SurmConfig(structure="kronecker", factors=((2, 4), (12, 6))),
-                 surm.SurmConfig(structure="kronecker", factors=((4, 4), (6, 6))), "bert")
+    qv = ["query", "value"]  # the 24 x 24 maps these factors fit
+    model = _two(surm.SurmConfig(structure="kronecker", factors=((2, 4), (12, 6)), target_modules=qv),
+                 surm.SurmConfig(structure="kronecker", factors=((4, 4), (6, 6)), target_modules=qv), "bert")
     factors = r"\(\(\(2, 4\), \(12, 6\)\) vs \(\(4, 4\), \(6, 6\)\)\)"
     with pytest.raises(ValueError, match=r"differ in factors at .*" + factors):
         model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")

@@ -146,7 +146,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     adapter_layer_names = ("surm_matrix", "surm_bias", "surm_inner_bias")
     other_param_names = (
-        "surm_alpha", "surm_placement", "surm_activation", "surm_dropout", "surm_fused", "surm_signature"
+        "surm_alpha", "surm_bias_scale", "surm_placement", "surm_activation", "surm_dropout", "surm_fused",
+        "surm_signature",
     )
 
     def __init__(
@@ -170,6 +171,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_inner_bias = nn.ParameterDict()
         self.surm_dropout = nn.ModuleDict()
         self.surm_alpha: dict[str, float] = {}
+        self.surm_bias_scale: dict[str, float] = {}
         self.surm_placement: dict[str, str] = {}
         self.surm_activation: dict[str, str] = {}
         self.surm_fused: dict[str, Optional[bool]] = {}
@@ -208,7 +210,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                 rank = self.surm_matrix[adapter_name].rank
                 self.surm_inner_bias[adapter_name] = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
         self.surm_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.surm_alpha[adapter_name] = float(config.alpha) * update_scale(self.surm_matrix[adapter_name], config.scaling)
+        scale = update_scale(self.surm_matrix[adapter_name], config.scaling)
+        self.surm_alpha[adapter_name] = float(config.alpha) * scale
+        # a serial adapter's bias beta enters as scale * beta: under Adam it then moves the
+        # output by about lr * scale per step, as S does, instead of lr (1 without the scale)
+        self.surm_bias_scale[adapter_name] = scale
         self.surm_placement[adapter_name] = config.placement
         self.surm_activation[adapter_name] = config.activation
         self.surm_fused[adapter_name] = config.fused
@@ -241,10 +247,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         return self._features_last(self.surm_dropout[adapter](x), lambda v: alpha * S(v))
 
     def _serial_update(self, adapter: str, h: torch.Tensor) -> torch.Tensor:
-        """act(alpha * S(dropout(h))) + beta, or alpha * B act(A dropout(h) + c) + beta for a bottleneck."""
+        """act(alpha * S(dropout(h))) + beta, or alpha * B act(A dropout(h) + c) + beta for a bottleneck
+        (beta: the bias times its scale, ``surm_bias_scale``)."""
         S, alpha = self.surm_matrix[adapter], self.surm_alpha[adapter]
         act = _ACTIVATIONS[self.surm_activation[adapter]]
-        beta = self.surm_bias[adapter]
+        beta = self.surm_bias_scale[adapter] * self.surm_bias[adapter]
         if self.is_bottleneck(adapter):
             c = self.surm_inner_bias[adapter]
 
@@ -393,7 +400,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def _serial_offset(self, adapter: str) -> torch.Tensor:
         """The constant term of a linear serial adapter: beta (+ alpha * B c for a bottleneck)."""
-        offset = self.surm_bias[adapter].detach()
+        offset = self.surm_bias_scale[adapter] * self.surm_bias[adapter].detach()
         if self.is_bottleneck(adapter):
             B = self.surm_matrix[adapter].B.detach()
             offset = offset + self.surm_alpha[adapter] * (B @ self.surm_inner_bias[adapter].detach())

@@ -13,8 +13,8 @@ from .config import SurmConfig
 
 #: AdamW rate of every SURM adapter with scaling="width".
 WIDTH_SCALED_LR = 3e-2
-#: Rates for scaling="none" (alpha alone), per placement, with the families that wanted their own.
-UNSCALED_LR = {"parallel": 5e-3, "serial": 3e-3, "kronecker": 3e-2}
+#: Rates for scaling="none" (alpha alone), per placement, swept before the scale existed.
+UNSCALED_LR = {"parallel": 5e-3, "serial": 3e-3}
 
 
 def recommended_lr(config: SurmConfig) -> float:
@@ -29,6 +29,9 @@ def recommended_lr(config: SurmConfig) -> float:
                         f"for LoRA and the other PEFT methods see surm.methods.default_lr")
     if config.scaling == "width":
         return WIDTH_SCALED_LR
-    if config.placement == "parallel" and config.structure == "kronecker":
-        return UNSCALED_LR["kronecker"]
+    if config.structure in ("kronecker", "ldr") or config.structure_pattern:
+        raise ValueError(
+            f"recommended_lr: no rate for scaling='none' with {config.structure!r} or per-module structures: "
+            f"Kronecker and LDR now start their random factor at unit variance, which the rates swept before "
+            f"the scale did not see; use scaling='width' (the default)")
     return UNSCALED_LR[config.placement]

@@ -6,14 +6,16 @@ gradient's size, so the change of ``alpha * S`` per step is set by how many entr
 parameter reaches and how strongly: a step of +-lr on every parameter moves S by about
 ``lr * sqrt(m n E)`` in Frobenius norm, with ``E`` the family's
 :meth:`~surm.structured.StructuredMatrix.update_energy` (1 for circulant, Toeplitz and their
-kin, whose entries are each one parameter; ``terms / b2`` for Kronecker; ``r / n`` for low
-rank). ``scaling="width"`` multiplies ``alpha`` by
+kin, whose entries are each one parameter; ``terms`` for Kronecker and ``N r`` for LDR, whose
+random factor starts at unit variance; ``r / n`` for low rank). ``scaling="width"`` multiplies
+``alpha`` by
 
     1 / sqrt(max(m, n) * E)
 
 so that a step moves ``alpha * S`` by about ``lr * sqrt(min(m, n))`` for every family, knob,
 placement and layer shape: the size of the step of LoRA's ``B A`` at its usual settings, which
-also grows with the square root of the width. ``scaling="none"`` is ``alpha`` alone (adapters
+also grows with the square root of the width. A serial adapter's bias enters scaled alike
+(``width``: ``s * beta``), so that it too moves the output by about ``lr * s`` per step. ``scaling="none"`` is ``alpha`` alone (adapters
 saved before the scale existed load with it).
 """
 

@@ -360,6 +360,7 @@ def _fill(layer: SurmLayer, adapters: list[str], weights: list[float], new: str,
             ]
             getattr(S, param).copy_(torch.cat(parts, dim=dim))
     if new in layer.surm_bias:  # serial, identity activation
-        layer.surm_bias[new].copy_(sum(w * layer.surm_bias[a] for a, w in present))
+        scale = layer.surm_bias_scale[new]
+        layer.surm_bias[new].copy_(sum(w * layer.surm_bias_scale[a] / scale * layer.surm_bias[a] for a, w in present))
         if new in layer.surm_inner_bias:  # the bottleneck's inner bias c, concatenated as A
             layer.surm_inner_bias[new].copy_(torch.cat([layer.surm_inner_bias[a] for a, _ in present]))

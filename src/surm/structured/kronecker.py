@@ -74,7 +74,7 @@ class Kronecker(StructuredMatrix):
     """``sum_k A_k (x) B_k``; parameters ``A (terms, a1, a2)`` and ``B (terms, b1, b2)``.
 
     Knobs: ``factors=((a1, a2), (b1, b2))`` (None: :func:`auto_factors`), ``terms`` (K >= 1).
-    Zero init: A = 0, B random.
+    Zero init: A = 0, B ~ N(0, 1).
     """
 
     name = "kronecker"
@@ -103,19 +103,23 @@ class Kronecker(StructuredMatrix):
         return {"factors": self.factors, "terms": self.terms}
 
     def update_energy(self) -> float:
-        """``terms / b2``: dS/dA_k[i, j] = e_ij (x) B_k has squared norm ||B_k||^2, b1 b2 / b2 in
-        expectation; summed over the a1 a2 terms entries of A and divided by m n."""
-        return self.terms / self.factors[1][1]
+        """``terms``: dS/dA_k[i, j] = e_ij (x) B_k has squared norm ||B_k||^2, b1 b2 in
+        expectation (var B = 1 at the zero init); summed over the a1 a2 terms entries of A and
+        divided by m n."""
+        return float(self.terms)
 
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         (_, a2), (_, b2) = self.factors
         with torch.no_grad():
-            # entries of sum_k A_k (x) B_k get variance terms * var(A) * var(B) = 1/n
-            self.B.normal_(0.0, b2**-0.5)
             if init == "zero":
+                # B at unit variance: under Adam a step then changes it by about lr relative to
+                # its size (the adapter's scale, through update_energy, sizes the first step)
+                self.B.normal_(0.0, 1.0)
                 self.A.zero_()
             else:
+                # entries of sum_k A_k (x) B_k get variance terms * var(A) * var(B) = 1/n
+                self.B.normal_(0.0, b2**-0.5)
                 self.A.normal_(0.0, (a2 * self.terms) ** -0.5)
 
     def dense(self) -> torch.Tensor:

@@ -36,7 +36,7 @@ def _f_circulant_stack(v: torch.Tensor, f: int) -> torch.Tensor:
 class LDR(StructuredMatrix):
     """``sum_i Z_1(g_i) Z_-1(h_i)`` with knob ``rank`` (displacement rank r >= 1).
 
-    Parameters ``G (r, N)`` and ``H (r, N)``, N = max(m, n). Zero init: H = 0, G random.
+    Parameters ``G (r, N)`` and ``H (r, N)``, N = max(m, n). Zero init: H = 0, G ~ N(0, 1).
     """
 
     name = "ldr"
@@ -62,19 +62,24 @@ class LDR(StructuredMatrix):
         return {"rank": self.rank}
 
     def update_energy(self) -> float:
-        """1: dS/dH[i, j] = window of C(g_i) Z_-1(e_j), the entries of C(g_i) signed and moved,
-        with expected squared norm m n / (N r) in the m x n window (var g = 1 / (N r)); r N of them."""
-        return 1.0
+        """``N r``: dS/dH[i, j] = window of C(g_i) Z_-1(e_j), the entries of C(g_i) signed and
+        moved, with expected squared norm m n var(g) in the m x n window (var g = 1 at the zero
+        init); r N of them, divided by m n."""
+        return float(self.size * self.rank)
 
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         N, r = self.size, self.rank
         with torch.no_grad():
-            # an entry of W sums r*N products g*h: var r*N*var(g)*var(h) = 1/N
-            self.G.normal_(0.0, (N * r) ** -0.5)
             if init == "zero":
+                # G at unit variance: under Adam a step then changes it by about lr relative to
+                # its size, so the update grows steadily (the adapter's scale, through
+                # update_energy, sizes the first step)
+                self.G.normal_(0.0, 1.0)
                 self.H.zero_()
             else:
+                # an entry of W sums r*N products g*h: var r*N*var(g)*var(h) = 1/N
+                self.G.normal_(0.0, (N * r) ** -0.5)
                 self.H.normal_(0.0, N**-0.5)
 
     def dense(self) -> torch.Tensor:
