@@ -8,7 +8,7 @@ SHAPES = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 9), (6, 10), (10, 6), (13, 5), (5,
 
 def knob_settings(name, m, n):
     """The knob dicts worth testing for family ``name`` at shape (m, n)."""
-    if name in ("circulant", "skew_circulant"):
+    if name in ("circulant", "skew_circulant", "circulant_product", "skew_circulant_product"):
         settings = [{"block_size": None}]
         for b in (2, 3):
             if m % b == 0 and n % b == 0:

@@ -27,8 +27,10 @@ CASES = [
     ("kronecker", 12, 8, {"terms": 2}),
     ("ldr", 12, 8, {"rank": 2}),
     ("low_rank", 12, 8, {"rank": 2}),
+    ("skew_circulant_product", 12, 8, {}),
+    ("toeplitz_product", 8, 12, {}),
 ]
-ROUTE_CASES = [c for c in CASES if c[0] not in ("kronecker", "low_rank")] + [
+ROUTE_CASES = [c for c in CASES if c[0] not in ("kronecker", "low_rank", "toeplitz_product")] + [
     ("skew_circulant", 8, 8, {"block_size": 4}),
     ("ldr", 4, 12, {"rank": 1}),
 ]

@@ -13,7 +13,10 @@ from .cases import CASES, IDS
 F64 = torch.float64
 SCALE = 0.7
 EMPTY_LEADS = [(0,), (2, 0)]  # leading dims of an input without tokens
-ROUTE_FAMILIES = (structured.Circulant, structured.SkewCirculant, structured.Toeplitz, structured.LDR)
+ROUTE_FAMILIES = (
+    structured.Circulant, structured.SkewCirculant, structured.Toeplitz, structured.LDR,
+    structured.CirculantProduct, structured.SkewCirculantProduct,
+)
 
 
 def _methods(S):
@@ -160,6 +163,8 @@ _INFERENCE_CASES = [
     ("symmetric_toeplitz", 23, 53, {}),
     ("kronecker", 22, 26, {}),
     ("low_rank", 22, 26, {"rank": 2}),
+    ("skew_circulant_product", 59, 59, {}),
+    ("toeplitz_product", 61, 31, {}),
 ]
 
 

@@ -10,11 +10,15 @@ from .cases import CASES, IDS
 
 F64 = torch.float64
 SCALE = 0.7
+ROUTE_FAMILIES = (
+    structured.Circulant, structured.SkewCirculant, structured.Toeplitz, structured.LDR,
+    structured.CirculantProduct, structured.SkewCirculantProduct,
+)
 
 
 def _methods(S):
     """The adjoint routes a family offers (``method=`` of param_grads), or [None]."""
-    if isinstance(S, (structured.Circulant, structured.SkewCirculant, structured.Toeplitz, structured.LDR)):
+    if isinstance(S, ROUTE_FAMILIES):
         return ["fft", "matmul", "auto"]
     return [None]
 

@@ -14,6 +14,11 @@ def expected_params(name, m, n, knobs):
     if name in ("circulant", "skew_circulant"):
         b = knobs.get("block_size")
         return max(m, n) if b is None else m * n // b
+    if name in ("circulant_product", "skew_circulant_product"):
+        b = knobs.get("block_size")
+        return 2 * (max(m, n) if b is None else m * n // b)
+    if name == "toeplitz_product":
+        return 2 * max(m, n)
     if name == "toeplitz":
         return m + n - 1
     if name == "symmetric_toeplitz":
@@ -57,7 +62,9 @@ def test_zero_init_is_exactly_zero_and_trainable(case):
     assert grad_norm > 0, "zero init must leave a non-zero gradient"
 
 
-@pytest.mark.parametrize("name", ["kronecker", "ldr", "low_rank"])
+@pytest.mark.parametrize(
+    "name", ["kronecker", "ldr", "low_rank", "circulant_product", "skew_circulant_product", "toeplitz_product"]
+)
 def test_bilinear_zero_init_zeroes_one_factor_only(name):
     S = structured.make(name, 8, 8, init="zero")
     zeros = [p for p in S.parameters() if not p.any()]

@@ -13,6 +13,7 @@ from .fused import fused_parallel_linear, parallel_linear, plain_parallel_linear
 from .kronecker import Kronecker, auto_factors
 from .ldr import LDR
 from .low_rank import LowRank
+from .products import CirculantProduct, SkewCirculantProduct, ToeplitzProduct
 from .registry import get, knob_names, make, names
 from .toeplitz import SymmetricToeplitz, Toeplitz
 
@@ -20,13 +21,16 @@ __all__ = [
     "INIT_MODES",
     "LDR",
     "Circulant",
+    "CirculantProduct",
     "Kronecker",
     "LinearStructuredMatrix",
     "LowRank",
     "SkewCirculant",
+    "SkewCirculantProduct",
     "StructuredMatrix",
     "SymmetricToeplitz",
     "Toeplitz",
+    "ToeplitzProduct",
     "auto_factors",
     "fused_parallel_linear",
     "get",

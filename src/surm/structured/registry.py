@@ -10,11 +10,15 @@ from .circulant import Circulant, SkewCirculant
 from .kronecker import Kronecker
 from .ldr import LDR
 from .low_rank import LowRank
+from .products import CirculantProduct, SkewCirculantProduct, ToeplitzProduct
 from .toeplitz import SymmetricToeplitz, Toeplitz
 
 _FAMILIES: dict[str, type[StructuredMatrix]] = {
     cls.name: cls
-    for cls in (Circulant, SkewCirculant, Toeplitz, SymmetricToeplitz, Kronecker, LDR, LowRank)
+    for cls in (
+        Circulant, SkewCirculant, Toeplitz, SymmetricToeplitz, Kronecker, LDR, LowRank,
+        CirculantProduct, SkewCirculantProduct, ToeplitzProduct,
+    )
 }
 _COMMON = {"init", "dtype", "device"}
 
@@ -41,7 +45,8 @@ def knob_names(name: str) -> list[str]:
 def make(name: str, out_features: int, in_features: int, **knobs: Any) -> StructuredMatrix:
     """Build family ``name`` as an (out_features x in_features) matrix.
 
-    Knobs: circulant / skew_circulant ``block_size``; kronecker ``factors``, ``terms``;
+    Knobs: circulant / skew_circulant and circulant_product / skew_circulant_product
+    ``block_size``; kronecker ``factors``, ``terms``;
     ldr ``rank``; low_rank ``rank``; all families ``init`` ("zero" or "random"), ``dtype``,
     ``device``. Unknown knobs raise a TypeError that lists the accepted ones.
     """
