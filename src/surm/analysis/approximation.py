@@ -174,7 +174,9 @@ def candidates(family: str, m: int, n: int) -> list[Setting]:
 
     circulant: ``block_size=None`` (max(m, n) params) and every block size b dividing m and
     n (m*n/b params); skew_circulant, toeplitz, symmetric_toeplitz: their one size;
-    kronecker: auto factors with 1.. terms; low_rank: rank 1..min(m, n); ldr: rank 1..N.
+    kronecker: auto factors with 1.. terms; low_rank: rank 1..min(m, n); ldr: rank 1..N;
+    the product forms as their plain counterparts with twice the parameters (circulant_product
+    with the block sizes, skew_circulant_product and toeplitz_product their one size).
     """
     N = max(m, n)
     if family == "circulant":
@@ -194,6 +196,11 @@ def candidates(family: str, m: int, n: int) -> list[Setting]:
         out = [Setting(family, (("rank", r),), r * (m + n)) for r in range(1, min(m, n) + 1)]
     elif family == "ldr":
         out = [Setting(family, (("rank", r),), 2 * r * N) for r in range(1, N + 1)]
+    elif family == "circulant_product":
+        out = [Setting(family, (("block_size", None),), 2 * N)]
+        out += [Setting(family, (("block_size", b),), 2 * m * n // b) for b in reversed(_divisors(math.gcd(m, n)))]
+    elif family in ("skew_circulant_product", "toeplitz_product"):
+        out = [Setting(family, (), 2 * N)]
     else:
         raise ValueError(f"unknown family {family!r}; known families: {', '.join(structured.names())}")
     return sorted(out, key=lambda s: s.params)  # stable: ties keep the order above
