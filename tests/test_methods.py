@@ -110,8 +110,8 @@ def test_default_lr_lookup_chain(monkeypatch):
     assert methods.default_lr("surm:circulant") == surm.recommended_lr(surm.SurmConfig(structure="circulant"))
     assert methods.default_lr("surm:kronecker:serial") == surm.recommended_lr(
         surm.SurmConfig(structure="kronecker", placement="serial"))
-    assert methods.default_lr("surm:kronecker:scaling=none") == surm.recommended_lr(
-        surm.SurmConfig(structure="kronecker", scaling="none"))
+    assert methods.default_lr("surm:toeplitz:scaling=none") == surm.recommended_lr(
+        surm.SurmConfig(structure="toeplitz", scaling="none"))
     monkeypatch.setitem(methods.DEFAULT_LR, "surm:kronecker", 0.123)
     assert methods.default_lr("surm:kronecker") == 0.123
     monkeypatch.setitem(methods.DEFAULT_LR, "surm:parallel", 0.456)

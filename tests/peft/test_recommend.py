@@ -4,15 +4,15 @@ import pytest
 
 import surm
 from surm import structured
-from surm.peft.recommend import UNSCALED_LR, WIDTH_SCALED_LR
+from surm.peft.recommend import UNSCALED_LR, WIDTH_SCALED_LR, WIDTH_SCALED_SERIAL_LR
 
 
 @pytest.mark.parametrize("structure", structured.names())
 @pytest.mark.parametrize("placement", ["parallel", "serial"])
-def test_one_rate_for_every_width_scaled_config(structure, placement):
-    config = surm.SurmConfig(structure=structure, placement=placement)
-    assert surm.recommended_lr(config) == WIDTH_SCALED_LR
-    assert surm.recommended_lr(surm.SurmConfig(structure=structure, placement=placement, alpha=4.0)) == WIDTH_SCALED_LR
+def test_one_rate_per_placement_for_every_width_scaled_config(structure, placement):
+    rate = WIDTH_SCALED_SERIAL_LR if placement == "serial" else WIDTH_SCALED_LR
+    assert surm.recommended_lr(surm.SurmConfig(structure=structure, placement=placement)) == rate
+    assert surm.recommended_lr(surm.SurmConfig(structure=structure, placement=placement, alpha=4.0)) == rate
 
 
 def test_unscaled_configs_keep_the_rates_swept_for_them():

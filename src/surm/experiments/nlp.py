@@ -48,15 +48,11 @@ CORE_METHODS = ("full", "head", "lora:8", "surm:circulant", "surm:toeplitz")
 #: parameter count on the same maps (C3A block 384, FourierFT 768 frequencies and VeRA rank 192
 #: exactly; LoKr r=8 28,416), the paper's other baselines, and the small end below LoRA r=1 (SURM on query+value).
 FAIR_RT = (
-    "head", "full", "bitfit", "lntuning", "lora:1", "lora:8", "lora:1:targets=all", "lorafix:8", "houlsby:32",
-    "adapterdrop:32", "c3a:384:targets=all", "fourierft:768:targets=all", "vera:192:targets=all",
-    "lokr:8:targets=all", "surm:circulant", "surm:toeplitz", "surm:kronecker", "surm:ldr",
-    "surm:circulant:targets=qv", "surm:circulant:serial",
+    "head", "bitfit", "lntuning", "lora:8", "lora:1:targets=all", "lorafix:8", "houlsby:32", "adapterdrop:32",
+    "c3a:384:targets=all", "fourierft:768:targets=all", "vera:192:targets=all", "lokr:8:targets=all",
+    "surm:circulant", "surm:toeplitz", "surm:kronecker", "surm:ldr", "surm:circulant:targets=qv",
 )
-FAIR_CORE = (
-    "head", "lora:8", "lora:1:targets=all", "c3a:384:targets=all", "fourierft:768:targets=all",
-    "surm:circulant", "surm:toeplitz",
-)
+FAIR_CORE = ("lora:8", "lora:1:targets=all", "c3a:384:targets=all", "surm:circulant", "surm:toeplitz")
 FAIR_FACTORS = (1 / 3, 1.0, 3.0)
 #: SURM's documented defaults, also reported at surm.recommended_lr on every seed
 FAIR_DEFAULTS = ("surm:circulant", "surm:toeplitz")
