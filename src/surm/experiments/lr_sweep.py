@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surm.methods import Method, parse
-from surm.peft.recommend import WIDTH_SCALED_LR
+from surm.peft.recommend import WIDTH_SCALED_LR, WIDTH_SCALED_SERIAL_LR
 
 from . import plots, report
 from .presets import Preset, setting
@@ -50,9 +50,12 @@ IMAGE_GRID = {
 #: (which ran before the scale, alpha alone, on query and value).
 SCALE_FACTORS = (0.1, 1 / 3, 1.0, 3.0, 10.0)
 SCALE_GRID = {
-    method: tuple(float(f"{WIDTH_SCALED_LR * f:.3g}") for f in SCALE_FACTORS)
-    for method in ("surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
-                   "surm:kronecker", "surm:ldr", "surm:circulant:serial")
+    method: tuple(float(f"{rate * f:.3g}") for f in SCALE_FACTORS)
+    for method, rate in (
+        *((m, WIDTH_SCALED_LR) for m in ("surm:circulant", "surm:skew_circulant", "surm:toeplitz",
+                                         "surm:symmetric_toeplitz", "surm:kronecker", "surm:ldr")),
+        ("surm:circulant:serial", WIDTH_SCALED_SERIAL_LR),
+    )
 }
 #: seeds of the sweep, disjoint from the reported seeds 0-2
 SWEEP_SEEDS = (100,)
