@@ -262,9 +262,10 @@ class ToeplitzProduct(StructuredMatrix):
     """``(T(b) T(a))[:m, :n]``, T(v) the N x N symmetric Toeplitz matrix with first row v,
     N = max(m, n). Parameters ``a, b (N,)``: 2N. No knobs.
 
-    Zero init: ``a ~ N(0, 1/N)`` (T(a) then has rows of squared norm about 1, so that b's
-    gradient is on the scale of a single Toeplitz matrix's: :meth:`update_energy` is about 1),
-    b = 0. Random init: a as for zero, ``b ~ N(0, 1/n)``: entries of variance about 1/n.
+    Zero init: ``a ~ N(0, 1)``, b = 0 (as LDR's random factor: at unit variance, so that under
+    Adam a step changes a by about lr relative to its size; the adapter's scale, through
+    :meth:`update_energy`, about N, sizes the first step). Random init: ``a ~ N(0, 1/N)``,
+    ``b ~ N(0, 1/n)``: entries of variance about 1/n.
     """
 
     name = "toeplitz_product"
@@ -285,27 +286,29 @@ class ToeplitzProduct(StructuredMatrix):
         self.reset_parameters()
 
     def update_energy(self) -> float:
-        """``1 + 2 D / (m n N)``, ``D = sum_{i < min(m, n)} min(i, N - 1 - i)`` (about
-        ``1 + 1/(2N)`` for square shapes).
+        """``N + 2 D / (m n)``, ``D = sum_{i < min(m, n)} min(i, N - 1 - i)`` (about
+        ``N + 1/2`` for square shapes).
 
         At b = 0 only b moves: ``dS/db_k`` is the corner of ``T(e_k) T(a)``, whose entry (i, j)
         is ``sum a[|l - j|]`` over the rows l = i +- k in [0, N) (one row l = i for k = 0).
-        With a ~ N(0, 1/N) its mean square is (number of such l) / N, plus 2/N where both
-        rows exist and read the same coefficient, |i + k - j| = |i - k - j|, i.e. on the
-        diagonal i = j for 1 <= k <= min(i, N - 1 - i). Summed over k the rows l cover [0, N)
-        once: ``sum_k E||dS/db_k||^2 = (m n N + 2 D) / N``.
+        With a ~ N(0, 1) its mean square is the number of such l, plus 2 where both rows
+        exist and read the same coefficient, |i + k - j| = |i - k - j|, i.e. on the diagonal
+        i = j for 1 <= k <= min(i, N - 1 - i). Summed over k the rows l cover [0, N) once:
+        ``sum_k E||dS/db_k||^2 = m n N + 2 D``.
         """
         m, n, N = self.out_features, self.in_features, self.size
         D = sum(min(i, N - 1 - i) for i in range(min(m, n)))
-        return 1.0 + 2.0 * D / (m * n * N)
+        return N + 2.0 * D / (m * n)
 
     def reset_parameters(self, init: str | None = None) -> None:
         init = init or self.init
         with torch.no_grad():
-            self.a.normal_(0.0, self.size**-0.5)
             if init == "zero":
+                self.a.normal_(0.0, 1.0)
                 self.b.zero_()
             else:
+                # an entry sums N products b a: variance N var(a) var(b) = 1/n
+                self.a.normal_(0.0, self.size**-0.5)
                 self.b.normal_(0.0, self.in_features**-0.5)
 
     def dense(self) -> torch.Tensor:
