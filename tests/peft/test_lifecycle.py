@@ -6,6 +6,7 @@ import copy
 import peft
 import pytest
 import torch
+from transformers.pytorch_utils import Conv1D
 
 import surm
 from surm.peft import SurmLayer
@@ -169,7 +170,8 @@ def test_layers_to_transform_and_exclude_modules():
     config.exclude_modules = ["bert.encoder.layer.0.attention.self.query"]
     model = peft.get_peft_model(base, config)
     adapted = [n for n, m in model.named_modules() if isinstance(m, SurmLayer)]
-    assert len(adapted) == 3 and not any("layer.0.attention.self.query" in n for n in adapted)
+    # the default targets: six maps in each of 2 blocks, less the one excluded
+    assert len(adapted) == 11 and not any("layer.0.attention.self.query" in n for n in adapted)
 
 
 def test_knob_pattern_overrides_per_module():
@@ -181,11 +183,23 @@ def test_knob_pattern_overrides_per_module():
 
 
 def test_default_targets_per_model_type():
-    for name, expected in [("bert", {"query", "value"}), ("gpt2", {"c_attn"}), ("llama", {"q_proj", "v_proj"}), ("vit", {"q_proj", "v_proj"})]:
+    # parallel: every linear map of each block (the last two parts of the name say which)
+    every_map = [
+        ("bert", {"self.query", "self.key", "self.value", "output.dense", "intermediate.dense"}),
+        ("gpt2", {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}),
+        ("llama", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj"}),
+        ("vit", {"attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "mlp.fc1", "mlp.fc2"}),
+    ]
+    for name, expected in every_map:
         factory = MODELS[name][0]
-        model = peft.get_peft_model(factory()[0], surm.SurmConfig())
-        adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SurmLayer)}
-        assert adapted == expected, name
+        base = factory()[0]
+        n_linear = sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in base.modules())
+        model = peft.get_peft_model(base, surm.SurmConfig())
+        layers = [n for n, m in model.named_modules() if isinstance(m, SurmLayer)]
+        assert {".".join(n.split(".")[-2:]) for n in layers} == expected, name
+        per_block = {"bert": 6, "gpt2": 4, "llama": 7, "vit": 6}[name]  # BERT's two output.dense maps
+        assert len(layers) == per_block * 2 < n_linear, name  # 2 blocks; heads and poolers stay
     model = peft.get_peft_model(MODELS["bert"][0]()[0], surm.SurmConfig(placement="serial"))
     adapted = sorted(n.split("encoder.")[1] for n, m in model.named_modules() if isinstance(m, SurmLayer))
     assert adapted == ["layer.0.attention.output.dense", "layer.0.output.dense",

@@ -18,7 +18,7 @@ def test_one_rate_per_placement_for_every_width_scaled_config(structure, placeme
 def test_unscaled_configs_keep_the_rates_swept_for_them():
     assert surm.recommended_lr(surm.SurmConfig(structure="toeplitz", scaling="none")) == UNSCALED_LR["parallel"]
     assert surm.recommended_lr(surm.SurmConfig(placement="serial", scaling="none")) == UNSCALED_LR["serial"]
-    for structure in ("kronecker", "ldr"):
+    for structure in ("kronecker", "ldr", "circulant_product", "toeplitz_product"):
         with pytest.raises(ValueError, match="unit variance"):
             surm.recommended_lr(surm.SurmConfig(structure=structure, scaling="none"))
 

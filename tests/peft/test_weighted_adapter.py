@@ -310,3 +310,12 @@ def test_bad_arguments_are_refused(args, match):
     with pytest.raises(ValueError, match=match):
         model.add_weighted_adapter(*args)
     assert set(model.peft_config) == {"a", "b"}
+
+
+def test_product_forms_are_refused_with_a_way_out():
+    for structure in ("circulant_product", "toeplitz_product"):
+        model = _two(surm.SurmConfig(structure=structure, target_modules=["query", "value"]),
+                     surm.SurmConfig(structure=structure, target_modules=["query", "value"]), "bert")
+        with pytest.raises(ValueError, match="cannot combine .*merge_and_unload"):
+            model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "mix")
+        _assert_unchanged(model, "mix")

@@ -55,7 +55,7 @@ from surm import structured
 from surm.peft.config import SurmConfig
 from surm.peft.layer import features, matrix_of
 from surm.peft.model import matched_targets
-from surm.peft.targets import default_targets
+from surm.peft.targets import default_targets, lora_default_targets
 from surm.progress import bar
 
 __all__ = [
@@ -114,6 +114,12 @@ def lora_budget(model: nn.Module, rank: int, target_modules: Any = None) -> int:
     LoRA targets, attention query and value for BERT): ``rank * (out + in)`` summed over them."""
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"surm.plan: a LoRA rank must be a positive integer, got {rank!r}")
+    if target_modules is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        target_modules = lora_default_targets(model_type)
+        if target_modules is None:
+            raise ValueError(f"surm.plan: no default target modules for model type {model_type!r} (PEFT names no LoRA "
+                             f"targets for it); give the budget as a parameter count")
     return sum(rank * sum(features(layer)) for _, layer in target_layers(model, target_modules))
 
 

@@ -19,6 +19,7 @@ WIDTH_SCALED_LR = 3e-2
 WIDTH_SCALED_SERIAL_LR = 1e-1
 #: Rates for scaling="none" (alpha alone), per placement, swept before the scale existed.
 UNSCALED_LR = {"parallel": 5e-3, "serial": 3e-3}
+_SWEPT_UNSCALED = ("circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "low_rank")
 
 
 def recommended_lr(config: SurmConfig) -> float:
@@ -33,9 +34,10 @@ def recommended_lr(config: SurmConfig) -> float:
                         f"for LoRA and the other PEFT methods see surm.methods.default_lr")
     if config.scaling == "width":
         return WIDTH_SCALED_SERIAL_LR if config.placement == "serial" else WIDTH_SCALED_LR
-    if config.structure in ("kronecker", "ldr") or config.structure_pattern:
+    if config.structure not in _SWEPT_UNSCALED or config.structure_pattern:
         raise ValueError(
             f"recommended_lr: no rate for scaling='none' with {config.structure!r} or per-module structures: "
-            f"Kronecker and LDR now start their random factor at unit variance, which the rates swept before "
-            f"the scale did not see; use scaling='width' (the default)")
+            f"the rates without the scale were swept for {', '.join(_SWEPT_UNSCALED)} (Kronecker and LDR now "
+            f"start their random factor at unit variance, which that sweep did not see); use scaling='width' "
+            f"(the default)")
     return UNSCALED_LR[config.placement]

@@ -54,3 +54,9 @@ def default_targets(model_type: str | None, placement: str) -> list[str] | None:
     """The default target module names, or None when the model type is not known."""
     table = SERIAL_TARGETS if placement == "serial" else PARALLEL_TARGETS
     return table.get(model_type or "")
+
+
+def lora_default_targets(model_type: str | None) -> list[str] | None:
+    """PEFT LoRA's default targets for the model type (attention query and value for BERT), or
+    None when PEFT has none: the reference of budgets written as a LoRA rank."""
+    return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_type or "")

@@ -156,6 +156,12 @@ def _require_same(adapters: list[str], configs: list[SurmConfig], field: str) ->
 
 def _resolve_method(structure: str, combination_type: str) -> str:
     linear = issubclass(structured.get(structure), structured.LinearStructuredMatrix)
+    if not linear and structure not in _CAT_RULES:
+        raise ValueError(
+            f"surm: add_weighted_adapter cannot combine {structure!r} adapters: a weighted sum of product forms "
+            f"is not a product form of the same size. Merge them into the base weight instead "
+            f"(merge_and_unload), or combine adapters of a direct family (circulant, toeplitz, ...)."
+        )
     if combination_type == "auto":
         return "linear" if linear else "cat"
     if combination_type == "linear" and not linear:
