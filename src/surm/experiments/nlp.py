@@ -223,7 +223,7 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
             lines.append(grid_table(chosen, dataset, config))
     lines.append(
         f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
-        f"trains ({'; '.join(_head_sizes(records))}). {len(records)} runs; wall time {report.fmt_duration(wall)} "
+        f"trains{_head_note(records)}. {len(records)} runs; wall time {report.fmt_duration(wall)} "
         f"(sum of the runs' own times {report.fmt_duration(sum(r.seconds for r in records))}; the wall time is "
         f"less when runs came from the store). Max sequence length 64, batch {config.batch_size}, {config.epochs:g} epoch(s), AdamW, "
         f"linear schedule with 6 % warm-up, weight decay 0.01.\n"
@@ -273,6 +273,12 @@ def sensitivity_plot(chosen: selection.Selection, config: NlpPreset, path: Path)
     fig.suptitle(f"Learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)", fontsize=10)
     fig.tight_layout()
     return plots.save(fig, path)
+
+
+def _head_note(records: list[RunRecord]) -> str:
+    """`` (Rotten Tomatoes head 770; ...)`` from the head-only runs, or nothing without them."""
+    sizes = _head_sizes(records)
+    return f" ({'; '.join(sizes)})" if sizes else ""
 
 
 def _head_sizes(records: list[RunRecord]) -> list[str]:
