@@ -265,6 +265,8 @@ def sensitivity_plot(chosen: selection.Selection, config: NlpPreset, path: Path)
             ax.plot([r.lr / default for r in mine], [100 * r.validation["accuracy"] for r in mine],
                     label=mine[0].label, mec="black", mew=0.5, alpha=0.9, **styles[mine[0].method])
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(list(config.lr_factors), [f"×{f:.2g}" for f in config.lr_factors])
         ax.set_xlabel("learning rate / the method's default (log scale)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(DATASET_NAMES.get(dataset, dataset), fontsize=10)
