@@ -52,7 +52,7 @@ def test_bench_peft_parts_write_json_without_load_reports(tmp_path, capfd):
     assert _methods(saved, "layers") == _methods(saved, "steps") == {"head", "lora:8", "surm:circulant"}
     assert _methods(saved, "inference") == {"base", "lora:8", "surm:circulant"}
     circulant = next(r for r in json.loads(saved.read_text())["steps"] if r["method"] == "surm:circulant")
-    assert circulant["trainable"] == 12 * 384 and circulant["training_memory_bytes"] > 0
+    assert circulant["trainable"] == 6 * (4 * 384 + 2 * 1536) and circulant["training_memory_bytes"] > 0
     out, err = capfd.readouterr()
     assert "x LoRA r=8" in out
     for noise in ("LOAD REPORT", "Loading weights", "MISSING"):

@@ -109,9 +109,9 @@ def test_packaged_minilm_identity_training_merge_and_reload(tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, expected)
     adapted = [n for n, m in model.named_modules() if isinstance(m, SurmLayer)]
-    assert len(adapted) == 12  # query and value of 6 layers
+    assert len(adapted) == 36  # every linear map (6) of 6 blocks
     trainable, _ = model.get_nb_trainable_parameters()
-    assert trainable == 12 * 384 + (384 * 2 + 2)
+    assert trainable == 6 * (4 * 384 + 2 * 1536) + (384 * 2 + 2)  # a circulant of max(m, n) per map, and the head
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
