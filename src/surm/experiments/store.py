@@ -101,11 +101,12 @@ class Runner:
         progress bar (with ``jobs > 1``, the missing runs in parallel processes of one thread
         each); ``(records in spec order, wall seconds)``."""
         start = time.perf_counter()
-        missing = [s for s in dict.fromkeys(specs) if self.fresh or self.store is None or self.store.read(s) is None]
-        if self.jobs > 1 and len(missing) > 1:
-            done = self._train_in_parallel(missing, desc)
-            records = [done[s.key] if s.key in done else self.run(s) for s in specs]
-            return records, time.perf_counter() - start
+        if self.jobs > 1:
+            stored = {} if self.fresh or self.store is None else {s.key: self.store.read(s) for s in specs}
+            missing = [s for s in dict.fromkeys(specs) if stored.get(s.key) is None]
+            if len(missing) > 1:
+                done = {**{k: r for k, r in stored.items() if r is not None}, **self._train_in_parallel(missing, desc)}
+                return [done[s.key] for s in specs], time.perf_counter() - start
         records = []
         with torch_threads(n_threads):
             # in a terminal an outer bar over the runs; in a log one line per run instead

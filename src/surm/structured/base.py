@@ -55,6 +55,13 @@ def check_positive_int(value: Any, what: str, family: str) -> int:
     return value
 
 
+def lbfgs(params: list[torch.Tensor], steps: int) -> torch.optim.LBFGS:
+    """The L-BFGS of the fitted projections: at most ``steps`` iterations, strong Wolfe line
+    search, tolerances small enough that the iteration count decides."""
+    return torch.optim.LBFGS(params, lr=1.0, max_iter=steps, history_size=20, tolerance_grad=1e-12,
+                             tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+
 class StructuredMatrix(nn.Module, abc.ABC):
     """Base class of all families. Subclasses set ``name`` and implement the abstract methods.
 

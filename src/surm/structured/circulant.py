@@ -35,6 +35,22 @@ from ._fft import (
 from .base import LinearStructuredMatrix, as_matrix, check_positive_int
 
 
+def block_layout(name: str, m: int, n: int, block_size: int | None) -> tuple[tuple[int, int], int]:
+    """``((p, q), b)``: the grid of b x b blocks of an m x n f-circulant family with knob
+    ``block_size`` (None: one block of size max(m, n)); a ValueError naming ``name`` when b
+    does not divide both widths."""
+    if block_size is None:
+        return (1, 1), max(m, n)
+    b = check_positive_int(block_size, "block_size", name)
+    if m % b or n % b:
+        raise ValueError(
+            f"{name}: block_size={b} must divide both out_features={m} and "
+            f"in_features={n}. Use a common divisor (the largest is gcd = {math.gcd(m, n)}), or "
+            f"block_size=None for one zero-padded {max(m, n)}x{max(m, n)} {name} matrix."
+        )
+    return (m // b, n // b), b
+
+
 class _FCirculant(LinearStructuredMatrix):
     """Shared code of the f-circulant families. ``weight`` is (p, q, b): block (P, Q) is
     ``Z_f(weight[P, Q])``; with ``block_size=None``, p = q = 1 and b = max(m, n)."""
@@ -52,19 +68,7 @@ class _FCirculant(LinearStructuredMatrix):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(out_features, in_features, init=init)
-        m, n = self.out_features, self.in_features
-        if block_size is None:
-            grid, b = (1, 1), max(m, n)
-        else:
-            b = check_positive_int(block_size, "block_size", self.name)
-            if m % b or n % b:
-                g = math.gcd(m, n)
-                raise ValueError(
-                    f"{self.name}: block_size={b} must divide both out_features={m} and "
-                    f"in_features={n}. Use a common divisor (the largest is gcd = {g}), or "
-                    f"block_size=None for one zero-padded {max(m, n)}x{max(m, n)} {self.name} matrix."
-                )
-            grid = (m // b, n // b)
+        grid, b = block_layout(self.name, self.out_features, self.in_features, block_size)
         self.block_size = block_size
         self.block = b
         self.grid = grid

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ._fft import ZeroPadder, chunk_rows, fft_cost, fft_dtype, matmul_cost, negacyclic_mask, toeplitz_from_lags
-from .base import StructuredMatrix, as_matrix, check_positive_int
+from .base import StructuredMatrix, as_matrix, check_positive_int, lbfgs
 from .circulant import Circulant, SkewCirculant
 
 
@@ -237,15 +237,7 @@ def _fit_lbfgs(inst: LDR, target: torch.Tensor, steps: int) -> None:
     start = [p.detach().clone() for p in inst.parameters()]
     with torch.no_grad():
         start_loss = (inst.dense() - target).pow(2).sum().item()
-    opt = torch.optim.LBFGS(
-        list(inst.parameters()),
-        lr=1.0,
-        max_iter=steps,
-        history_size=20,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
+    opt = lbfgs(list(inst.parameters()), steps)
 
     def closure() -> torch.Tensor:
         opt.zero_grad()

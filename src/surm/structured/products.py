@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._fft import cyclic_conv, fast_fft_size, fft_dtype
-from .base import LinearStructuredMatrix, StructuredMatrix, as_matrix, check_positive_int
-from .circulant import Circulant, SkewCirculant, _FCirculant
+from .base import LinearStructuredMatrix, StructuredMatrix, as_matrix, lbfgs
+from .circulant import Circulant, SkewCirculant, _FCirculant, block_layout
 from .toeplitz import SymmetricToeplitz
 
 # ---------------------------------------------------------------------------------------------
@@ -65,18 +65,7 @@ class _FCirculantProduct(StructuredMatrix):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(out_features, in_features, init=init)
-        m, n = self.out_features, self.in_features
-        if block_size is None:
-            grid, b = (1, 1), max(m, n)
-        else:
-            b = check_positive_int(block_size, "block_size", self.name)
-            if m % b or n % b:
-                raise ValueError(
-                    f"{self.name}: block_size={b} must divide both out_features={m} and "
-                    f"in_features={n}. Use a common divisor (the largest is gcd = {math.gcd(m, n)}), "
-                    f"or block_size=None for one zero-padded {max(m, n)}x{max(m, n)} matrix."
-                )
-            grid = (m // b, n // b)
+        grid, b = block_layout(self.name, self.out_features, self.in_features, block_size)
         self.block_size = block_size
         self.block = b
         self.grid = grid
@@ -411,15 +400,7 @@ def _lbfgs(
     """At most ``steps`` L-BFGS iterations (strong Wolfe line search) from copies of ``start``;
     ``loss_and_grads(*tensors)`` returns the loss and its gradients (no autograd graph)."""
     tensors = [t.detach().clone() for t in start]
-    opt = torch.optim.LBFGS(
-        tensors,
-        lr=1.0,
-        max_iter=steps,
-        history_size=20,
-        tolerance_grad=1e-12,
-        tolerance_change=1e-15,
-        line_search_fn="strong_wolfe",
-    )
+    opt = lbfgs(tensors, steps)
 
     def closure() -> torch.Tensor:
         loss, grads = loss_and_grads(*tensors)
