@@ -195,7 +195,7 @@ def test_image_profile():
     assert adapted == {"_blocks.1._expand_conv", "_blocks.1._project_conv", "_conv_head"}
     for model in (lntuning, lokr, lorafix, drop):
         assert model(x).shape == (2, 3)
-    for method, name in (("fourierft:10", "FourierFT"), ("vera:2", "VeRA")):
+    for method, name in (("c3a:4", "C3A"), ("fourierft:10", "FourierFT"), ("vera:2", "VeRA")):
         with pytest.raises(ValueError, match=f"PEFT's {name} adapts Linear layers only"):
             methods.peft_config(method, methods.IMAGE)
 

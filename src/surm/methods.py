@@ -54,8 +54,8 @@ given by a :class:`Profile`: :data:`TEXT` (BERT-like transformers: every linear 
 block for parallel SURM, query/value for the LoRA family unless ``targets=all``,
 attention-output and FFN-output projections for serial adapters) or :data:`IMAGE`
 (EfficientNet-Lite0: every 1x1 convolution); :data:`PROFILES` gives the profile of a data
-set's modality (:func:`surm.data.modality`).  PEFT's FourierFT and VeRA adapt Linear layers
-only, so they refuse :data:`IMAGE`, whose targets are convolutions.
+set's modality (:func:`surm.data.modality`).  PEFT's C3A, FourierFT and VeRA adapt Linear
+layers only, so they refuse :data:`IMAGE`, whose targets are convolutions.
 """
 
 from __future__ import annotations
@@ -214,7 +214,7 @@ class Profile:
     defaults. ``norms`` are the normalisation layers LN tuning trains. ``blocks`` is the name of
     the module list that holds the model's blocks (BERT's ``layer``), whose lowest ones
     AdapterDrop leaves without adapters; None: the model has none. ``convolutional``: the
-    adapter targets are convolutions, which FourierFT and VeRA cannot adapt. ``head`` is the
+    adapter targets are convolutions, which C3A, FourierFT and VeRA cannot adapt. ``head`` is the
     classification head's module name (None: a model without one; adapters then save no
     module). ``lr`` overrides :data:`DEFAULT_LR` entries. ``block`` is every linear map of each
     block (BERT: query, key, value, attention output, FFN in and out), the ``targets=all`` of
@@ -245,6 +245,8 @@ IMAGE = Profile(head="_fc", parallel=_CONV1X1, serial=_CONV1X1, ffn_out=r".*_pro
 
 #: The profile of each data modality (:func:`surm.data.modality`).
 PROFILES: dict[str, Profile] = {"text": TEXT, "image": IMAGE}
+#: PEFT methods that adapt nn.Linear only (refused on a convolutional profile)
+LINEAR_ONLY = ("c3a", "fourierft", "vera")
 
 
 def parse(text: str | Method) -> Method:
@@ -402,7 +404,7 @@ def peft_config(method: Method | str, profile: Profile = TEXT, model: nn.Module 
     ``model`` is read by ``adapterdrop`` only, for its number of blocks: needed for the default
     ``drop`` (half of them) and to check a given one; without it, ``drop`` must be given.
     ``lorafix`` gives plain LoRA's config: freezing ``lora_A`` is :func:`apply`'s work.
-    Raises ValueError for FourierFT and VeRA on a convolutional profile (PEFT adapts Linear
+    Raises ValueError for C3A, FourierFT and VeRA on a convolutional profile (PEFT adapts Linear
     layers only) and for AdapterDrop on a profile without blocks.
     """
     method = parse(method)
@@ -412,10 +414,10 @@ def peft_config(method: Method | str, profile: Profile = TEXT, model: nn.Module 
     save = [profile.head] if profile.head is not None else None
     where = knobs.pop("targets", None)
     lora_targets = _targets(profile.block if where == "all" else profile.lora)
-    if method.kind in ("fourierft", "vera") and profile.convolutional:
+    if method.kind in LINEAR_ONLY and profile.convolutional:
         raise ValueError(f"{method.name}: PEFT's {method.label.split()[0]} adapts Linear layers only, and this "
-                         f"profile's targets are convolutions (EfficientNet's 1x1 convolutions); use lora, lokr, "
-                         f"c3a or surm there")
+                         f"profile's targets are convolutions (EfficientNet's 1x1 convolutions); use lora, lorafix, "
+                         f"lokr or surm there")
     if method.kind in ("lora", "lorafix"):
         return peft.LoraConfig(
             r=method.rank, lora_alpha=knobs.get("alpha", 8), lora_dropout=knobs.get("dropout", 0.0),

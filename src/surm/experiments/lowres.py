@@ -7,8 +7,13 @@ get more epochs: every run takes at least ``min_steps`` optimizer steps (64 in t
 so the 1 %, 5 % and 10 % runs all take 64 steps and the 25 % runs one epoch, 160 steps). Runs
 that another experiment also made come from the shared run store.
 
+The ``full`` preset is the fair re-run: at each fraction every method's learning rate is chosen
+on validation from the same-size grid (:mod:`.selection`); SURM at its defaults against LoRA
+r=8 (query+value) and LoRA r=1 on SURM's maps. The 20 % point is the ``nlp`` experiment's
+Rotten Tomatoes table.
+
 Writes ``lowres.json``, ``lowres.md`` (methods x fractions, and SURM minus LoRA) and
-``lowres.png`` (test accuracy against the fraction).
+``lowres.png`` (test accuracy against the fraction), and with chosen rates ``lowres_lr.png``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 from surm import data as surm_data
 from surm.methods import Method, parse
 
-from . import nlp, plots, report
+from . import nlp, plots, report, selection
 from .presets import Preset, lr_for, setting
 from .runs import RunRecord, RunSpec
 from .store import Runner
@@ -41,31 +46,56 @@ class LowresPreset(Preset):
     min_steps: int = setting(64, "optimizer steps every run takes at least")
     lr: float | dict[Method, float] | None = setting(
         None, "learning rate: one for every method, {method: lr}, or None for each method's default")
+    lr_factors: tuple[float, ...] | None = setting(
+        None, "choose each method's rate on validation (first seed), at each fraction, from default * factor "
+              "for each factor, e.g. (1/3, 1, 3); None: train at lr / the default")
+    at_default: tuple[Method, ...] = setting(
+        (), "with lr_factors: methods also reported on every seed at their default rate")
     threads: int | None = setting(None, "torch threads (None: torch's default)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_factors is not None and self.lr is not None:
+            raise ValueError("lr and lr_factors: give one (lr_factors chooses the rates on validation)")
+
+
+#: The fair re-run's methods: SURM's defaults, LoRA r=8 at its usual setup and LoRA r=1 on
+#: SURM's maps (about SURM Toeplitz's parameters).
+FAIR_METHODS = ("head", "lora:8", "lora:1:targets=all", "surm:circulant", "surm:toeplitz")
 
 
 PRESETS: dict[str, LowresPreset] = {
     "smoke": LowresPreset(name="smoke", model="tiny-bert", fractions=(0.002, 0.005),
                           methods=("head", "lora:2", "surm:circulant"), n_eval=32, min_steps=2, threads=1),
     "quick": LowresPreset(name="quick"),
-    "full": LowresPreset(name="full", fractions=(0.01, 0.05, 0.1, 0.25),
-                         methods=("head", "lora:8", "surm:circulant", "surm:toeplitz"), seeds=(0, 1, 2), n_eval=1000),
+    "full": LowresPreset(name="full", fractions=(0.01, 0.05, 0.1), methods=FAIR_METHODS, seeds=(0, 1, 2),
+                         n_eval=1000, lr_factors=nlp.FAIR_FACTORS, at_default=nlp.FAIR_DEFAULTS),
 }
 
 
-def specs(config: LowresPreset) -> list[RunSpec]:
-    """Every run: fraction by fraction, method by method, seed by seed.
+def base_specs(config: LowresPreset) -> list[RunSpec]:
+    """One spec per fraction, shared by every method and seed (scored on validation too when the
+    rates are chosen there).
 
     ``min_steps`` is set only where one epoch is shorter, so that a run identical to an
     ``nlp`` run has the same key (and is shared through the store).
     """
     n_full = len(surm_data.load(config.dataset).train)
+    splits = ("validation", "test") if config.lr_factors is not None else ("test",)
     out = []
     for fraction in config.fractions:
         per_epoch = math.ceil(max(1, round(fraction * n_full)) / config.batch_size)
         min_steps = config.min_steps if config.epochs * per_epoch < config.min_steps else 0
-        base = RunSpec(dataset=config.dataset, method=parse("head"), model=config.model, train_fraction=fraction,
-                       n_eval=config.n_eval, epochs=config.epochs, batch_size=config.batch_size, min_steps=min_steps)
+        out.append(RunSpec(dataset=config.dataset, method=parse("head"), model=config.model, train_fraction=fraction,
+                           n_eval=config.n_eval, epochs=config.epochs, batch_size=config.batch_size,
+                           min_steps=min_steps, eval_splits=splits))
+    return out
+
+
+def specs(config: LowresPreset) -> list[RunSpec]:
+    """Every run: fraction by fraction, method by method, seed by seed."""
+    out = []
+    for base in base_specs(config):
         for method in config.methods:
             out += [base.replace(method=method, seed=seed, lr=lr_for(config.lr, method)) for seed in config.seeds]
     return out
@@ -73,42 +103,76 @@ def specs(config: LowresPreset) -> list[RunSpec]:
 
 def run(config: LowresPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Run the low-resource experiment into ``out_dir``."""
-    records, wall = runner.run_all(specs(config), "lowres", config.threads)
-    rows = report.aggregate(records, by=("train_fraction", "method"))
-    markdown = tables(rows, config, wall, records)
+    by = ("train_fraction", "method")
+    chosen = None
+    if config.lr_factors is None:
+        records, wall = runner.run_all(specs(config), "lowres", config.threads)
+        rows = report.aggregate(records, by=by)
+    else:
+        bases = [b.replace(method=m) for b in base_specs(config) for m in config.methods]
+        chosen = selection.run_selected(runner, bases, config.lr_factors, config.seeds, "lowres", config.threads,
+                                        at_default=[m.name for m in config.at_default], group="train_fraction")
+        records, wall = chosen.final + chosen.at_default, chosen.wall_seconds
+        rows = selection.rows(chosen, by=by)
+    markdown = tables(rows, config, wall, records, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
-    png = plot(rows, config, out_dir / "lowres.png")
+    figures = [plot([r for r in rows if not r.label.endswith(selection.AT_DEFAULT)], config, out_dir / "lowres.png")]
     payload = {"experiment": "lowres", "preset": config.name, "config": config, "wall_seconds": wall,
                "run_seconds": sum(r.seconds for r in records), "rows": rows, "runs": records}
-    return report.write(out_dir, "lowres", payload, markdown, [png])
+    if chosen is not None:
+        figures.append(selection.sensitivity_plot(
+            chosen, {f: f"{100 * f:g} % of the training set" for f in config.fractions},
+            f"Low-resource learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)",
+            out_dir / "lowres_lr.png"))
+        payload["lr_chosen"] = [{"train_fraction": f, "method": m, "lr": lr, "default": chosen.defaults[(f, m)]}
+                                for (f, m), lr in chosen.chosen.items()]
+        payload["lr_grid_runs"] = chosen.sweep
+    return report.write(out_dir, "lowres", payload, markdown, figures)
 
 
-def _cell(rows: list[report.Row], fraction: float, method: Method) -> report.Row:
-    return next(r for r in rows if r.spec.train_fraction == fraction and r.method == method)
+def _cell(rows: list[report.Row], fraction: float, label: str) -> report.Row:
+    return next(r for r in rows if r.spec.train_fraction == fraction and r.label == label)
 
 
-def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: list[RunRecord]) -> str:
-    """Markdown: methods by fractions, then SURM minus LoRA."""
+def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: list[RunRecord],
+           chosen: selection.Selection | None = None) -> str:
+    """Markdown: methods by fractions, SURM minus each LoRA, then (rates chosen on validation)
+    the chosen rates and the grids."""
     fractions = config.fractions
-    methods = list(dict.fromkeys(r.method for r in rows))
-    header = ["method", "params (no head)"] + [f"{100 * f:g} % ({_cell(rows, f, methods[0]).n_train})" for f in fractions]
+    labels = list(dict.fromkeys(r.label for r in rows))
+    header = ["method", "params (no head)"] + [f"{100 * f:g} % ({_cell(rows, f, labels[0]).n_train})" for f in fractions]
     table = []
-    for method in methods:
-        first = _cell(rows, fractions[0], method)
-        stored = sum(_cell(rows, f, method).stored for f in fractions)
-        total = sum(len(_cell(rows, f, method).seeds) for f in fractions)
-        table.append([first.label + report.stored_mark(stored, total), report.fmt_params(first.adapter_params)]
-                     + [report.fmt_pct(_cell(rows, f, method).accuracy) for f in fractions])
-    lora = next((m for m in methods if m.kind == "lora"), None)
-    for method in methods:
-        if method.kind == "surm" and lora:
-            gaps = [100 * (_cell(rows, f, method).accuracy[0] - _cell(rows, f, lora).accuracy[0]) for f in fractions]
-            table.append([f"{_cell(rows, fractions[0], method).label} − {_cell(rows, fractions[0], lora).label}",
-                          "", *[f"{g:+.1f}" for g in gaps]])
+    for label in labels:
+        first = _cell(rows, fractions[0], label)
+        stored = sum(_cell(rows, f, label).stored for f in fractions)
+        total = sum(len(_cell(rows, f, label).seeds) for f in fractions)
+        table.append([label + report.stored_mark(stored, total), report.fmt_params(first.adapter_params)]
+                     + [report.fmt_pct(_cell(rows, f, label).accuracy) for f in fractions])
+    loras = [r.label for r in rows if r.method.kind == "lora" and r.spec.train_fraction == fractions[0]]
+    surms = [r.label for r in rows if r.method.kind == "surm" and r.spec.train_fraction == fractions[0]]
+    for lora in loras:
+        for surm in surms:
+            gaps = [100 * (_cell(rows, f, surm).accuracy[0] - _cell(rows, f, lora).accuracy[0]) for f in fractions]
+            table.append([f"{surm} − {lora}", "", *[f"{g:+.1f}" for g in gaps]])
     steps = {r.spec.train_fraction: r.train["steps"] for r in records}
+    fair, grids = "", ""
+    if chosen is not None:
+        fair = (f"At each fraction, every method's learning rate was chosen on the validation split from the "
+                f"same-size grid default × {', '.join(f'{f:.3g}' for f in config.lr_factors)} with seed "
+                f"{config.seeds[0]}; the other seeds trained at the chosen rate. Test accuracy played no part in the "
+                f"choice.\n\n")
+        rates = [[_cell(rows, fractions[0], label).label] + [report.fmt_lr(_cell(rows, f, label).lr,
+                                                                           _cell(rows, f, label).head_lr)
+                                                              for f in fractions]
+                 for label in labels if not label.endswith(selection.AT_DEFAULT)]
+        grids = ("\nChosen learning rates:\n\n" + report.markdown_table(["method", *[f"{100 * f:g} %" for f in fractions]],
+                                                                       rates)
+                 + "".join(f"\n### {100 * f:g} %\n" + selection.grid_table(chosen, f, config.seeds[0])
+                           for f in fractions))
     return (
         f"# Low-resource fine-tuning ({config.name} preset): {config.model} on {config.dataset}\n\n"
-        f"Test accuracy (%) on {records[0].sizes['test']} test examples, mean ± std over seeds "
+        + fair
+        + f"Test accuracy (%) on {records[0].sizes['test']} test examples, mean ± std over seeds "
         f"{list(config.seeds)}; column headers give the fraction and the number of training examples. "
         f"Optimizer steps per run: {', '.join(f'{100 * f:g} %: {steps[f]}' for f in fractions)} (batch "
         f"{config.batch_size}, at least {config.min_steps} steps). Difference rows: mean accuracy points.\n\n"
@@ -116,6 +180,7 @@ def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: l
         + f"\n{len(records)} runs, wall time {report.fmt_duration(wall)} (sum of the runs' own times "
         f"{report.fmt_duration(sum(r.seconds for r in records))}).\n"
         + report.stored_note(records)
+        + grids
     )
 
 

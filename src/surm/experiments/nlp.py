@@ -155,10 +155,7 @@ def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
         chosen = selection.run_selected(runner, bases, config.lr_factors, config.seeds, "nlp", config.threads,
                                         at_default=[m.name for m in config.at_default])
         records, wall = chosen.final + chosen.at_default, chosen.wall_seconds
-        rows = report.aggregate(chosen.final)
-        for row in report.aggregate(chosen.at_default):
-            row.label += " at its default rate"
-            rows.append(row)
+        rows = selection.rows(chosen)
     markdown = tables(rows, config, wall, records, chosen)
     out_dir.mkdir(parents=True, exist_ok=True)
     panels = {_panel_title(rows, d): [r for r in rows if r.dataset == d] for d in config.methods}
@@ -173,7 +170,9 @@ def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     payload = {"experiment": "nlp", "preset": config.name, "config": config, "wall_seconds": wall,
                "run_seconds": sum(r.seconds for r in records), "rows": rows, "runs": records}
     if chosen is not None:
-        figures.append(sensitivity_plot(chosen, config, out_dir / "nlp_lr.png"))
+        figures.append(selection.sensitivity_plot(
+            chosen, {d: DATASET_NAMES.get(d, d) for d in config.methods},
+            f"Learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)", out_dir / "nlp_lr.png"))
         payload["lr_chosen"] = [{"dataset": d, "method": m, "lr": lr, "default": chosen.defaults[(d, m)]}
                                 for (d, m), lr in chosen.chosen.items()]
         payload["lr_grid_runs"] = chosen.sweep
@@ -212,7 +211,7 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
                           ratio, report.fmt_lr(r.lr, r.head_lr), report.fmt_pct(r.accuracy, std),
                           report.fmt_pct(r.macro_f1, std), f"{r.train_seconds[0]:.0f}"])
         lines.append(report.markdown_table(header, table))
-        plain = [r for r in drows if not r.label.endswith("at its default rate")]
+        plain = [r for r in drows if not r.label.endswith(selection.AT_DEFAULT)]
         lines += [f"\n- {line}" for line in report.versus(plain, LORA_8)]
         matched = next((r.method for r in plain if r.method.kind == "lora" and r.method != LORA_8
                         and r.method.knob("targets") == "all"), None)
@@ -220,7 +219,7 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
             lines += [f"\n- {line}" for line in report.versus(plain, matched)]
         lines.append("\n" if lora8 else "")
         if chosen is not None:
-            lines.append(grid_table(chosen, dataset, config))
+            lines.append(selection.grid_table(chosen, dataset, config.seeds[0]))
     lines.append(
         f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
         f"trains{_head_note(records)}. {len(records)} runs; wall time {report.fmt_duration(wall)} "
@@ -230,51 +229,6 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
     )
     lines.append(report.stored_note(records))
     return "".join(lines)
-
-
-def grid_table(chosen: selection.Selection, dataset: str, config: NlpPreset) -> str:
-    """Markdown: validation accuracy of each method at each factor of its grid (seed 0), the
-    chosen rate in bold."""
-    header = ["method", "default lr", *[f"× {f:.3g}" for f in config.lr_factors]]
-    table = []
-    for (d, name), lr in chosen.chosen.items():
-        if d != dataset:
-            continue
-        mine = sorted((r for r in chosen.sweep if r.spec.dataset == d and r.method.name == name), key=lambda r: r.lr)
-        cells = [(f"**{100 * r.validation['accuracy']:.1f}**" if r.lr == lr else f"{100 * r.validation['accuracy']:.1f}")
-                 for r in mine]
-        table.append([mine[0].label, f"{chosen.defaults[(d, name)]:g}", *cells])
-    return (f"\nValidation accuracy (%) over each method's learning-rate grid, seed {config.seeds[0]} "
-            f"(the chosen rate in bold):\n\n" + report.markdown_table(header, table) + "\n")
-
-
-def sensitivity_plot(chosen: selection.Selection, config: NlpPreset, path: Path) -> Path:
-    """Validation accuracy against the rate's factor over the default, one line per method,
-    one panel per data set."""
-    plt = plots.pyplot()
-    datasets = list(config.methods)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
-    methods = [r.method for r in chosen.sweep]
-    styles = plots.method_styles(methods)
-    for ax, dataset in zip(axes[0], datasets):
-        for (d, name), _ in chosen.chosen.items():
-            if d != dataset:
-                continue
-            mine = sorted((r for r in chosen.sweep if r.spec.dataset == d and r.method.name == name), key=lambda r: r.lr)
-            default = chosen.defaults[(d, name)]
-            ax.plot([r.lr / default for r in mine], [100 * r.validation["accuracy"] for r in mine],
-                    label=mine[0].label, mec="black", mew=0.5, alpha=0.9, **styles[mine[0].method])
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(list(config.lr_factors), [f"×{f:.2g}" for f in config.lr_factors])
-        ax.set_xlabel("learning rate / the method's default (log scale)")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.set_title(DATASET_NAMES.get(dataset, dataset), fontsize=10)
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    fig.suptitle(f"Learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)", fontsize=10)
-    fig.tight_layout()
-    return plots.save(fig, path)
 
 
 def _head_note(records: list[RunRecord]) -> str:

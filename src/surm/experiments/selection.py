@@ -5,6 +5,9 @@ each factor), trained with the first seed; the rate with the best *validation* a
 (ties: the one nearest the default), and the other seeds train at that rate. The test split
 plays no part in the choice. Methods named in ``at_default`` are also trained on every seed at
 their default rate, to report the documented defaults as a user gets them.
+
+A rate is chosen per *setting*: the spec fields ``group`` (the data set by default; the
+training fraction in the low-resource experiment) and the method.
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from pathlib import Path
+
+from . import plots, report
 from .runs import RunRecord, RunSpec
 from .store import Runner
 
-__all__ = ["Selection", "grid", "run_selected"]
+__all__ = ["AT_DEFAULT", "Selection", "grid", "grid_table", "rows", "run_selected", "sensitivity_plot"]
+
+#: the label suffix of the rows trained at the default rate (``at_default``)
+AT_DEFAULT = " at its default rate"
 
 
 def grid(default: float, factors: Sequence[float]) -> tuple[float, ...]:
@@ -26,39 +35,104 @@ def grid(default: float, factors: Sequence[float]) -> tuple[float, ...]:
 
 @dataclass
 class Selection:
-    """``chosen``: ``{(dataset, method name): rate}``; ``sweep``: the first seed's runs over each
-    grid; ``final``: every seed at the chosen rate; ``at_default``: every seed at the default rate
-    (for the methods asked for)."""
+    """``chosen``: ``{(group value, method name): rate}`` (the group value is the data set unless
+    ``group`` says otherwise); ``sweep``: the first seed's runs over each grid; ``final``: every
+    seed at the chosen rate; ``at_default``: every seed at the default rate (for the methods
+    asked for); ``factors``: the grid's factors over each default."""
 
-    chosen: dict[tuple[str, str], float]
-    defaults: dict[tuple[str, str], float]
+    chosen: dict[tuple, float]
+    defaults: dict[tuple, float]
     sweep: list[RunRecord]
     final: list[RunRecord]
     at_default: list[RunRecord]
     wall_seconds: float
+    group: str = "dataset"
+    factors: tuple[float, ...] = ()
+
+    def key(self, spec: RunSpec) -> tuple:
+        """``(group value, method name)`` of ``spec``."""
+        return getattr(spec, self.group), spec.method.name
+
+    def grid_runs(self, key: tuple) -> list[RunRecord]:
+        """The first seed's runs over ``key``'s grid, by rate."""
+        return sorted((r for r in self.sweep if self.key(r.spec) == key), key=lambda r: r.lr)
 
 
 def run_selected(runner: Runner, bases: Sequence[RunSpec], factors: Sequence[float], seeds: Sequence[int],
-                 desc: str, threads: int | None = None, at_default: Sequence[str] = ()) -> Selection:
+                 desc: str, threads: int | None = None, at_default: Sequence[str] = (),
+                 group: str = "dataset") -> Selection:
     """Choose each base spec's rate on validation over its grid, then train every seed at it.
 
-    ``bases``: one spec per (data set, method) with ``lr=None`` and validation among its
-    ``eval_splits``; ``at_default``: method names also trained on every seed at the default rate.
+    ``bases``: one spec per (setting, method) with ``lr=None`` and validation among its
+    ``eval_splits``; ``at_default``: method names also trained on every seed at the default rate;
+    ``group``: the spec field that tells settings apart (each gets its own choice).
     """
     for b in bases:
         if b.lr is not None or "validation" not in b.eval_splits:
             raise ValueError(f"{b.slug}: a base spec takes lr=None and evaluates the validation split")
     sweep_specs = [b.replace(seed=seeds[0], lr=lr) for b in bases for lr in grid(b.effective_lr, factors)]
     sweep, wall_sweep = runner.run_all(sweep_specs, f"{desc} lr grid", threads)
-    chosen, defaults = {}, {}
+    out = Selection({}, {}, sweep, [], [], wall_sweep, group=group, factors=tuple(factors))
     for b in bases:
-        key = (b.dataset, b.method.name)
-        default = b.effective_lr
-        mine = [r for r, s in zip(sweep, sweep_specs) if (s.dataset, s.method.name) == key]
+        key, default = out.key(b), b.effective_lr
+        mine = [r for r, s in zip(sweep, sweep_specs) if out.key(s) == key]
         best = max(mine, key=lambda r: (r.validation["accuracy"], -abs(math.log(r.lr / default))))
-        chosen[key], defaults[key] = best.lr, default
-    final_specs = [b.replace(seed=s, lr=chosen[(b.dataset, b.method.name)]) for b in bases for s in seeds]
+        out.chosen[key], out.defaults[key] = best.lr, default
+    final_specs = [b.replace(seed=s, lr=out.chosen[out.key(b)]) for b in bases for s in seeds]
     default_specs = [b.replace(seed=s) for b in bases if b.method.name in at_default for s in seeds]
     records, wall_final = runner.run_all(final_specs + default_specs, f"{desc} seeds", threads)
-    return Selection(chosen, defaults, sweep, records[: len(final_specs)], records[len(final_specs):],
-                     wall_sweep + wall_final)
+    out.final, out.at_default = records[: len(final_specs)], records[len(final_specs):]
+    out.wall_seconds += wall_final
+    return out
+
+
+def rows(chosen: Selection, by: Sequence[str] = ("dataset", "method")) -> list[report.Row]:
+    """Mean ± std rows of the runs at the chosen rates, then of the runs at the default rate
+    (labelled with :data:`AT_DEFAULT`)."""
+    out = report.aggregate(chosen.final, by)
+    for row in report.aggregate(chosen.at_default, by):
+        row.label += AT_DEFAULT
+        out.append(row)
+    return out
+
+
+def grid_table(chosen: Selection, value, seed: int) -> str:
+    """Markdown: validation accuracy of each method at each factor of its grid (first seed) for
+    the setting ``value`` of the group field, the chosen rate in bold."""
+    header = ["method", "default lr", *[f"× {f:.3g}" for f in chosen.factors]]
+    table = []
+    for key, lr in chosen.chosen.items():
+        if key[0] != value:
+            continue
+        mine = chosen.grid_runs(key)
+        cells = [(f"**{100 * r.validation['accuracy']:.1f}**" if r.lr == lr else f"{100 * r.validation['accuracy']:.1f}")
+                 for r in mine]
+        table.append([mine[0].label, f"{chosen.defaults[key]:g}", *cells])
+    return (f"\nValidation accuracy (%) over each method's learning-rate grid, seed {seed} "
+            f"(the chosen rate in bold):\n\n" + report.markdown_table(header, table) + "\n")
+
+
+def sensitivity_plot(chosen: Selection, panels: dict, title: str, path: Path) -> Path:
+    """Validation accuracy against the rate's factor over the default, one line per method, one
+    panel per setting: ``panels`` maps each value of the group field to its panel title."""
+    plt = plots.pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    styles = plots.method_styles(r.method for r in chosen.sweep)
+    for ax, (value, panel_title) in zip(axes[0], panels.items()):
+        for key in chosen.chosen:
+            if key[0] != value:
+                continue
+            mine, default = chosen.grid_runs(key), chosen.defaults[key]
+            ax.plot([r.lr / default for r in mine], [100 * r.validation["accuracy"] for r in mine],
+                    label=mine[0].label, mec="black", mew=0.5, alpha=0.9, **styles[mine[0].method])
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(list(chosen.factors), [f"×{f:.2g}" for f in chosen.factors])
+        ax.set_xlabel("learning rate / the method's default (log scale)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(panel_title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return plots.save(fig, path)
