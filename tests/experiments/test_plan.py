@@ -67,3 +67,22 @@ def test_full_preset_contains_the_quick_settings():
     quick, full = plan.PRESETS["quick"], plan.PRESETS["full"]
     assert set(quick.datasets) <= set(full.datasets) and set(quick.seeds) <= set(full.seeds)
     assert quick.budgets == full.budgets and quick.train_fraction.items() <= full.train_fraction.items()
+
+
+def test_rates_are_chosen_on_validation_per_budget_and_variant(tmp_path):
+    from surm.experiments.store import Runner, RunStore
+
+    config = plan.PRESETS["smoke"].replace(seeds=(0, 1), lr_factors=(0.5, 2.0))
+    outcome = plan.run(config, tmp_path / "plan", Runner(RunStore(tmp_path / "runs"), progress=False))
+    grids, runs = outcome.payload["lr_grids"], outcome.payload["runs"]
+    assert len(grids) == len(config.budgets) * len(plan.VARIANTS)
+    for g in grids:
+        assert g.rates == sorted(g.default * f for f in config.lr_factors)
+        best = max(g.validation_accuracy)
+        assert g.chosen in [lr for lr, a in zip(g.rates, g.validation_accuracy) if a == best]
+    chosen = {g.chosen for g in grids}
+    assert {r.lr for r in runs} <= chosen and {r.spec.seed for r in runs} == {0, 1}
+    # each seed trains its own plan: planned runs of different seeds carry different adapters
+    planned = [r.spec for r in runs if r.spec.adapter is not None]
+    assert len({s.adapter for s in planned if s.seed == 0} & {s.adapter for s in planned if s.seed == 1}) == 0
+    assert "(the chosen rate in bold)" in outcome.markdown and "chosen on validation" in outcome.markdown

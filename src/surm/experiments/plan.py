@@ -14,17 +14,20 @@ For each data set, seed and budget (the parameters of LoRA r=1 and r=8 on query 
   73,728);
 * ``LoRA``: ``lora:1`` / ``lora:8`` on query and value.
 
-Learning rates are the methods' defaults (:func:`surm.methods.default_lr`); a planned config
-trains at the SURM parallel rate (5e-3), whatever families it mixes (Kronecker alone would get
-3e-2). The planner's wall time (gradients, projections, knapsack; the model's loading apart) is
-recorded for each plan.
+Learning rates: with ``lr_factors`` (the ``full`` preset) each variant's rate is chosen on
+validation, per data set and budget, from the same-size grid around its default (the first
+seed's runs; the other seeds train at the chosen rate, each with its own plan), as in the other
+experiments; without, the methods' defaults (:func:`surm.methods.default_lr`), and a planned
+config trains at ``surm.recommended_lr``'s parallel rate whatever families it mixes. The
+planner's wall time (gradients, projections, knapsack; the model's loading apart) is recorded
+for each plan.
 
 Presets:
 
 * ``smoke``: a random 2-layer BERT, a few dozen examples; seconds (tests).
 * ``quick``: MiniLM on Rotten Tomatoes, one seed, both budgets (8 runs).
-* ``full``: Rotten Tomatoes, the election tweets and R8, seeds 0-2, both budgets (72 runs);
-  its Rotten Tomatoes seed-0 runs are the ``quick`` preset's.
+* ``full``: Rotten Tomatoes, the election tweets and R8, seeds 0-2, both budgets, rates chosen
+  on validation (120 runs); its Rotten Tomatoes seed-0 runs include the ``quick`` preset's.
 
 Writes ``plan.json`` (settings, every plan's choices and times, aggregated rows, every run
 record), ``plan.md`` (one table per data set and budget) and ``plan.png`` (test accuracy
@@ -33,6 +36,7 @@ against trainable parameters, one panel per data set).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,7 +47,7 @@ from surm.methods import Method, parse
 from surm.peft.recommend import WIDTH_SCALED_LR
 from surm.threads import torch_threads
 
-from . import nlp, plots, report
+from . import nlp, plots, report, selection
 from .presets import Preset, lr_for, setting
 from .runs import RunRecord, RunSpec, adapter_json, planning_batches
 from .store import Runner
@@ -76,6 +80,9 @@ class PlanPreset(Preset):
     lr: float | dict[Method, float] | None = setting(
         None, "learning rate of the single-family and LoRA runs: one, {method: lr}, or None for the defaults")
     planned_lr: float = setting(WIDTH_SCALED_LR, "learning rate of the planned configs (surm.recommended_lr)")
+    lr_factors: tuple[float, ...] | None = setting(
+        None, "choose each variant's rate on validation (first seed), per data set and budget, from "
+              "default * factor for each factor; None: train at the defaults")
     threads: int | None = setting(None, "torch threads, for planning and training (None: torch's default)")
 
     def __post_init__(self) -> None:
@@ -98,7 +105,7 @@ PRESETS: dict[str, PlanPreset] = {
     "quick": PlanPreset(name="quick"),
     "full": PlanPreset(
         name="full", datasets=("rotten_tomatoes", "election_tweets", "r8"), seeds=(0, 1, 2),
-        train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25},
+        train_fraction={"rotten_tomatoes": 0.2, "election_tweets": 0.2, "r8": 0.25}, lr_factors=nlp.FAIR_FACTORS,
     ),
 }
 
@@ -247,18 +254,69 @@ def run(config: PlanPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     plans = make_plans(config, runner.progress)
     plan_wall = time.perf_counter() - start
     runs = specs(config, plans)
-    records, wall = runner.run_all([spec for *_, spec in runs], "plan", config.threads)
+    grids: list[Grid] = []
+    if config.lr_factors is None:
+        records, wall = runner.run_all([spec for *_, spec in runs], "plan", config.threads)
+    else:
+        runs, records, wall, grids = choose_rates(config, runs, runner)
     rows = entries(runs, records, plans)
     out_dir.mkdir(parents=True, exist_ok=True)
     png = plot(rows, config, out_dir / "plan.png")
     payload = {"experiment": "plan", "preset": config.name, "config": config, "plan_wall_seconds": plan_wall,
                "wall_seconds": wall, "run_seconds": sum(r.seconds for r in records), "plans": plans, "rows": rows,
-               "runs": records}
-    return report.write(out_dir, "plan", payload, tables(rows, config, plans, plan_wall, wall, records), [png])
+               "runs": records, "lr_grids": grids}
+    return report.write(out_dir, "plan", payload, tables(rows, config, plans, plan_wall, wall, records, grids), [png])
+
+
+@dataclass
+class Grid:
+    """One variant's learning-rate grid on one data set and budget: the first seed's validation
+    accuracy at each rate, and the rate chosen."""
+
+    dataset: str
+    budget: str
+    variant: str
+    label: str
+    default: float
+    rates: list[float]
+    validation_accuracy: list[float]
+    chosen: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def choose_rates(config: PlanPreset, runs: list[tuple[str, str, RunSpec]], runner: Runner
+                 ) -> tuple[list[tuple[str, str, RunSpec]], list[RunRecord], float, list[Grid]]:
+    """Each (data set, budget, variant)'s rate chosen on validation over its grid with the first
+    seed (ties: the rate nearest the default); then every seed at the chosen rate, each with its
+    own plan. Returns the final runs, their records, the wall time and the grids."""
+    first = config.seeds[0]
+    sweep = [(budget, variant, spec.replace(lr=lr)) for budget, variant, spec in runs if spec.seed == first
+             for lr in selection.grid(spec.effective_lr, config.lr_factors)]
+    sweep_records, wall_sweep = runner.run_all([spec for *_, spec in sweep], "plan lr grid", config.threads)
+    defaults = {(spec.dataset, budget, variant): spec.effective_lr for budget, variant, spec in runs}
+    tried: dict[tuple[str, str, str], list[RunRecord]] = {}
+    for (budget, variant, spec), record in zip(sweep, sweep_records):
+        tried.setdefault((spec.dataset, budget, variant), []).append(record)
+    grids = []
+    for (dataset, budget, variant), records in tried.items():
+        default = defaults[(dataset, budget, variant)]
+        best = max(records, key=lambda r: (r.validation["accuracy"], -abs(math.log(r.lr / default))))
+        records = sorted(records, key=lambda r: r.lr)
+        grids.append(Grid(dataset=dataset, budget=budget, variant=variant,
+                          label=variant if variant in PLANNED else records[0].label, default=default,
+                          rates=[r.lr for r in records], validation_accuracy=[r.validation["accuracy"] for r in records],
+                          chosen=best.lr))
+    chosen = {(g.dataset, g.budget, g.variant): g.chosen for g in grids}
+    final = [(budget, variant, spec.replace(lr=chosen[(spec.dataset, budget, variant)]))
+             for budget, variant, spec in runs]
+    records, wall_final = runner.run_all([spec for *_, spec in final], "plan seeds", config.threads)
+    return final, records, wall_sweep + wall_final, grids
 
 
 def tables(rows: list[Entry], config: PlanPreset, plans: list[Planned], plan_wall: float, wall: float,
-           records: list[RunRecord]) -> str:
+           records: list[RunRecord], grids: list[Grid] = ()) -> str:
     """Markdown: per data set and budget, the four variants; then the sizes and times."""
     lines = [f"# The planner against single families and LoRA at equal budgets ({config.name} preset)\n"]
     std = len(config.seeds) > 1
@@ -282,6 +340,14 @@ def tables(rows: list[Entry], config: PlanPreset, plans: list[Planned], plan_wal
                               report.fmt_pct(r.accuracy, std), report.fmt_pct(r.validation_accuracy, std),
                               families, seconds, share])
             lines.append(report.markdown_table(header, table, "lrrrrlrr"))
+            mine = [g for g in grids if (g.dataset, g.budget) == (dataset, budget)]
+            if mine:
+                lines.append(f"\nValidation accuracy (%) over each variant's learning-rate grid, seed {config.seeds[0]} "
+                             f"(the chosen rate in bold):\n\n" + report.markdown_table(
+                                 ["method", "default lr", *[f"× {f:.3g}" for f in config.lr_factors]],
+                                 [[g.label, f"{g.default:g}", *[(f"**{100 * a:.1f}**" if lr == g.chosen else f"{100 * a:.1f}")
+                                                                for lr, a in zip(g.rates, g.validation_accuracy)]]
+                                  for g in mine]))
     totals = [p.seconds["total"] for p in plans]
     lines.append(
         f"\nTest and validation accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters "
@@ -291,9 +357,11 @@ def tables(rows: list[Entry], config: PlanPreset, plans: list[Planned], plan_wal
         f"Families chosen: layers, summed over seeds. Planner s: its own time per plan (gradients, projections, "
         f"knapsack), mean over seeds; the {len(plans)} plans took {report.fmt_duration(sum(totals))} "
         f"({min(totals):.1f}-{max(totals):.1f} s each), {report.fmt_duration(plan_wall)} with loading the model "
-        f"and batches. Captured ‖G‖²: the chosen adapters' share of the gradient's energy. Learning rates: the "
-        f"methods' defaults, the SURM parallel rate for the planned configs (not swept for them). "
-        f"{len(records)} runs; wall time {report.fmt_duration(wall)} (sum of the runs' own times "
+        f"and batches. Captured ‖G‖²: the chosen adapters' share of the gradient's energy. Learning rates: "
+        + (f"chosen on validation from the same-size grid default × {', '.join(f'{f:.3g}' for f in config.lr_factors)} "
+           f"for every variant, with seed {config.seeds[0]}; test accuracy played no part. " if grids else
+           "the methods' defaults, the SURM parallel rate for the planned configs (not swept for them). ")
+        + f"{len(records)} runs; wall time {report.fmt_duration(wall)} (sum of the runs' own times "
         f"{report.fmt_duration(sum(r.seconds for r in records))}). Max sequence length 64, batch "
         f"{config.batch_size}, {config.epochs:g} epoch(s), AdamW, linear schedule with 6 % warm-up, weight decay "
         f"0.01; torch threads {config.threads or 'default'}.\n"
