@@ -1,41 +1,8 @@
-"""A tiny chat tokenizer and a tiny random Llama, built offline, for the causal-LM tests."""
+"""A tiny chat tokenizer and a tiny random Llama, built offline, for the causal-LM tests
+(the package's own :mod:`surm.tiny_llama`, the ``tiny-llama`` model)."""
 
 from __future__ import annotations
 
-# ChatML like SmolLM2's, with a default system turn where the conversation has none.
-CHAT_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}<|im_start|>system\nbe kind<|im_end|>\n{% endif %}"
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
-WORDS = (
-    "system user assistant be kind write a tale about the fox and hen once upon time there was who ran away "
-    "into wood . , ! ? said she he it then end red"
-).split()
+from surm.tiny_llama import CHAT_TEMPLATE, SPECIAL, WORDS, model, tokenizer
 
-
-def tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` that pads with its end-of-turn token, as SmolLM2's does."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {word: i for i, word in enumerate(SPECIAL + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<|im_start|>",
-                                  eos_token="<|im_end|>", pad_token="<|im_end|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
-
-
-def model(vocab_size: int = len(SPECIAL) + len(WORDS), seed: int = 0):
-    """A random 2-layer ``LlamaForCausalLM`` (hidden 16, 4 query / 2 key-value heads), float32, eval mode."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+__all__ = ["CHAT_TEMPLATE", "SPECIAL", "WORDS", "model", "tokenizer"]

@@ -27,7 +27,7 @@ import resource
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -43,8 +43,10 @@ __all__ = [
     "MemoryTracker",
     "TextBatcher",
     "TrainConfig",
+    "classification_loss",
     "evaluate",
     "finetune",
+    "length_grouped_batches",
     "logits",
     "num_steps",
     "predict",
@@ -117,14 +119,7 @@ class TextBatcher:
         """One epoch of shuffled batches grouped by length: a random permutation is cut into
         pools of 50 batches, each pool is sorted by length and cut into batches, and the batches
         are shuffled (transformers' ``group_by_length``). Pads far less than random batches."""
-        lengths = np.array([len(s) for s in self.encode(split)])
-        order = rng.permutation(len(split))
-        batches = []
-        pool = 50 * batch_size
-        for start in range(0, len(order), pool):
-            block = order[start : start + pool]
-            batches += _chunks(block[np.argsort(lengths[block], kind="stable")], batch_size)
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return length_grouped_batches(np.array([len(s) for s in self.encode(split)]), batch_size, rng)
 
     def eval_batches(self, split: Split, batch_size: int) -> list[np.ndarray]:
         """Batches of indices sorted by length: evaluation pads as little as possible."""
@@ -150,6 +145,19 @@ class ImageBatcher:
 
     def eval_batches(self, split: Split, batch_size: int) -> list[np.ndarray]:
         return _chunks(np.arange(len(split)), batch_size)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch of shuffled index batches grouped by length (``lengths``: ``(N,)``): a random
+    permutation is cut into pools of 50 batches, each pool is sorted by length and cut into
+    batches, and the batches are shuffled (transformers' ``group_by_length``)."""
+    order = rng.permutation(len(lengths))
+    batches = []
+    pool = 50 * batch_size
+    for start in range(0, len(order), pool):
+        block = order[start : start + pool]
+        batches += _chunks(block[np.argsort(lengths[block], kind="stable")], batch_size)
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _chunks(order: np.ndarray, size: int) -> list[np.ndarray]:
@@ -266,12 +274,25 @@ def num_steps(n_train: int, config: TrainConfig) -> int:
     return max(math.ceil(config.epochs * per_epoch), config.min_steps, 1)
 
 
-def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[str, Any]:
+def classification_loss(model: nn.Module, inputs: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of a classifier's logits ``(B, C)`` against ``labels`` ``(B,)``."""
+    return nn.functional.cross_entropy(logits(model, inputs), labels)
+
+
+def train(model: nn.Module, batcher, split: Split, config: TrainConfig,
+          loss_fn: Callable[[nn.Module, Any, Any], torch.Tensor] = classification_loss,
+          on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train ``model`` in place on ``split``; returns ``{"steps", "losses", "seconds", "cpu_seconds"}``
     (``cpu_seconds``: CPU time of the process, all threads, which unlike wall time does not grow
     when other processes share the cores).
 
     ``losses`` holds the mean training loss of each block of about 5 % of the steps.
+
+    ``loss_fn(model, inputs, labels)`` is the scalar loss of one batch as the batcher yields it
+    (inputs already on ``config.device``; labels moved there when they are a tensor); the default
+    is a classifier's cross-entropy. ``on_step(step)`` is called after optimizer step ``step``
+    (1-based), e.g. to evaluate during training; the model is in train mode again after it returns,
+    and its time counts in ``seconds``.
     """
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
@@ -288,14 +309,15 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     _set_train_mode(model, config.freeze_norm_stats)
-    loss_fn = nn.CrossEntropyLoss()
     losses, block, block_size = [], [], max(1, steps // 20)
     start, cpu_start = time.perf_counter(), time.process_time()
     bar = _progress(steps, config.progress, "train")
     step = 0
     while step < steps:
         for inputs, labels in batcher.batches(split, batcher.train_batches(split, config.batch_size, rng)):
-            loss = loss_fn(logits(model, _to(inputs, config.device)), labels.to(config.device))
+            if isinstance(labels, torch.Tensor):
+                labels = labels.to(config.device)
+            loss = loss_fn(model, _to(inputs, config.device), labels)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -310,6 +332,9 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig) -> dict[
             if bar is not None:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)  # drawn by update, at most every mininterval
                 bar.update(1)
+            if on_step is not None:
+                on_step(step)
+                _set_train_mode(model, config.freeze_norm_stats)
             if step == steps:
                 break
     if block:

@@ -47,10 +47,14 @@ e.g. {"structure": "circulant", "target_modules": ["query", "value"],
 (added to modules_to_save).
 
 data sets (--data): rotten_tomatoes, election_tweets, r8, newsgroups (text, MiniLM);
-mnist, digits (images, EfficientNet-Lite0).
+mnist, digits (images, EfficientNet-Lite0); grimm_tales, friends (prompt -> response pairs,
+SmolLM2-135M-Instruct through its chat template, the LM head frozen; --model tiny-llama for a
+tiny random Llama; default --max-seq-length 256; adapters on Llama's q_proj ... down_proj).
 
-example:
+examples:
   surm finetune --data rotten_tomatoes --method surm:circulant --train-fraction 0.2
+  surm finetune --data grimm_tales --model smollm2-135m --method surm:circulant --max-steps 24 \
+      --per-device-train-batch-size 4
 """
 
 DEFAULT_METHOD = "surm:circulant"
@@ -71,8 +75,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     adapter.add_argument("--adapter-config", type=Path, metavar="FILE",
                          help="a SurmConfig JSON instead of --method (target_modules, knob_pattern, ...)")
     what.add_argument("--model",
-                      help="minilm | tiny-bert (random, for tests) | efficientnet | a local transformers "
-                           "directory (default: minilm for text, efficientnet for images)")
+                      help="minilm | tiny-bert (random, for tests) | efficientnet | smollm2-135m | tiny-llama "
+                           "(random, for tests) | a local transformers directory (default: minilm for text, "
+                           "efficientnet for images, smollm2-135m for prompt -> response data)")
 
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--learning-rate", "--lr", dest="learning_rate", type=float, metavar="LR",
@@ -101,8 +106,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                             help="keep about this many training examples")
     sizes.add_argument("--max-eval-samples", "--max-eval", dest="max_eval_samples", type=int, default=1000, metavar="N",
                        help="cap validation and test at a fixed subset of this size (default: 1000; 0 = all)")
-    sizes.add_argument("--max-seq-length", "--max-length", dest="max_seq_length", type=int, default=64, metavar="N",
-                       help="max tokens per text (default: 64)")
+    sizes.add_argument("--max-seq-length", "--max-length", dest="max_seq_length", type=int, default=None, metavar="N",
+                       help="max tokens per text (default: 64; 256 for prompt -> response data)")
     sizes.add_argument("--image-size", type=int, default=64, metavar="PX", help="image side in pixels (default: 64)")
 
     out = p.add_argument_group("output")
@@ -137,7 +142,7 @@ def spec_from_args(args: argparse.Namespace):
             dataset=args.data, method=method, seed=args.seed, lr=args.learning_rate, epochs=epochs,
             min_steps=min_steps, batch_size=args.per_device_train_batch_size, n_train=args.max_train_samples,
             train_fraction=args.train_fraction, n_eval=args.max_eval_samples or None,
-            max_length=args.max_seq_length, image_size=args.image_size, model=args.model,
+            max_length=args.max_seq_length or 64, image_size=args.image_size, model=args.model,
             weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, eval_splits=("validation", "test"),
             device=args.device, head_lr=args.head_learning_rate,
         )
@@ -259,6 +264,11 @@ def run(args: argparse.Namespace) -> dict:
     """Run ``surm finetune``; prints a summary and returns the results record (as JSON)."""
     from surm.experiments.runs import execute
 
+    if _is_causal_lm_data(args.data):
+        from surm.commands import finetune_lm
+
+        return finetune_lm.run(args, DEFAULT_METHOD)
+
     spec, adapter = spec_from_args(args)
     name = None if adapter is None else _config_name(args.adapter_config)
     out = args.output_dir or default_dir("finetune") / (spec.slug if name is None else f"{spec.slug}-{name}")
@@ -274,6 +284,17 @@ def run(args: argparse.Namespace) -> dict:
     (out / "results.json").write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
     print(summary(result, out))
     return result
+
+
+def _is_causal_lm_data(name: str) -> bool:
+    """Whether ``name`` is a prompt -> response data set (False for unknown names too: the
+    classifier path then says which names it knows)."""
+    from surm import data
+
+    try:
+        return data.modality(name) == data.CAUSAL_LM
+    except ValueError:
+        return False
 
 
 def _config_name(path: Path) -> str:

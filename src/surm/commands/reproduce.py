@@ -15,7 +15,7 @@ from pathlib import Path
 
 from surm.commands.errors import UsageError
 
-HELP = "run one of the paper's experiments (nlp, vision, lowres, cka, pinwheel, lr_sweep, plan), scaled to a CPU"
+HELP = "run one of the paper's experiments (nlp, vision, lowres, cka, pinwheel, lr_sweep, plan, llm), scaled to a CPU"
 
 EPILOG = """\
 experiments:
@@ -27,6 +27,8 @@ experiments:
   pinwheel  synthetic 2-D pinwheel: LoRA against SURM at equal parameters
   lr_sweep  the learning-rate sweep behind the per-method defaults (also --preset vision)
   plan      surm plan's configs against the best single family and LoRA at LoRA r=1's and r=8's budgets
+  llm       SmolLM2-135M-Instruct on Grimm tales: LoRA against SURM on a causal LM (held-out
+            perplexity, generations, the merge check)
   all       nlp, lowres, cka, vision and pinwheel, one after the other
 
 presets: smoke (seconds, tests), quick (minutes, the default), full (the documented run,

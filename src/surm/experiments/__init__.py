@@ -30,6 +30,7 @@ EXPERIMENTS: dict[str, str] = {
     "cka": "surm.experiments.cka",
     "lr_sweep": "surm.experiments.lr_sweep",
     "plan": "surm.experiments.plan",
+    "llm": "surm.experiments.llm",
 }
 
 __all__ = ["EXPERIMENTS", "load", "names"]

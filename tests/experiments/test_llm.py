@@ -1,0 +1,68 @@
+"""``surm reproduce llm``: the smoke preset on the tiny random Llama (seconds), the matched LoRA
+rank, the merge check, and presets that refuse what the experiment cannot run."""
+
+import json
+
+import pytest
+
+from surm import methods
+from surm.experiments import llm
+from surm.experiments.store import Runner, RunStore
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llm")
+    outcome = llm.run(llm.PRESETS["smoke"], out, Runner(RunStore(out / "runs"), progress=False))
+    return out, outcome
+
+
+def test_smoke_writes_table_curves_generations_and_merge_check(smoke):
+    out, outcome = smoke
+    payload = json.loads((out / "llm.json").read_text())
+    rows = {r["method"]: r for r in payload["rows"]}
+    matched = llm.matched_lora_rank(llm.load_model("tiny-llama")[0], methods.parse("surm:circulant"))[0]
+    assert list(rows) == ["base", "lora:2", "surm:circulant", f"lora:{matched}:targets=all"]
+    assert rows["base"]["trainable_params"] == 0 and "merge" not in rows["base"]
+    for name in ("lora:2", "surm:circulant"):
+        r = rows[name]
+        assert r["trainable_params"] > 0 and r["steps"] == 4
+        assert [p["step"] for p in r["curve"]] == [0, 2, 4]
+        assert r["curve"][0]["loss"] == pytest.approx(rows["base"]["validation"]["loss"])  # the same start
+        assert r["validation"]["perplexity"] == pytest.approx(2.718281828 ** r["validation"]["loss"])
+        assert r["merge"]["max_abs_logit_diff"] < 1e-5 and r["merge"]["merged_type"] == "LlamaForCausalLM"
+        assert r["merge"]["same_generations"] and len(r["generations"]) == 1
+        assert r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0
+    assert rows["surm:circulant"]["lr"] == pytest.approx(3e-2) and rows["lora:2"]["lr"] == pytest.approx(3e-3)
+    assert rows["surm:circulant"]["where"] == "q k v o gate up down" and rows["lora:2"]["where"] == "q v"
+    md = (out / "llm.md").read_text()
+    assert md == outcome.markdown and "| SURM circulant | q k v o gate up down |" in md and "## Merge check" in md
+    assert (out / "llm.png").stat().st_size > 0
+
+
+def test_matched_lora_rank_is_nearest_the_surm_count():
+    model = llm.load_model("tiny-llama")[0]
+    rank, surm_params = llm.matched_lora_rank(model, methods.parse("surm:circulant"))
+    per_rank = llm.adapter_params(model, methods.parse("lora:1:targets=all"))
+    assert surm_params == llm.adapter_params(model, methods.parse("surm:circulant")) > 0
+    assert all(abs(rank * per_rank - surm_params) <= abs(r * per_rank - surm_params) for r in range(1, 9))
+
+
+def test_presets_refuse_non_adapter_methods_and_bad_sizes():
+    with pytest.raises(ValueError, match="not an adapter method"):
+        llm.PRESETS["smoke"].replace(methods=("base", "head"))
+    with pytest.raises(ValueError, match="unknown method"):
+        llm.PRESETS["smoke"].replace(methods=("lora8",))
+    with pytest.raises(ValueError, match="matched_lora"):
+        llm.PRESETS["smoke"].replace(matched_lora="lora:8")
+    with pytest.raises(ValueError, match="steps"):
+        llm.PRESETS["smoke"].replace(steps=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        llm.load_model("gpt2")
+
+
+def test_quick_preset_is_the_documented_one():
+    quick = llm.PRESETS["quick"]
+    assert quick.model == "smollm2" and quick.dataset == "grimm_tales" and quick.threads == 1
+    assert quick.methods == ("base", "lora:8", "surm:circulant", "surm:toeplitz")
+    assert quick.max_length == 256 and quick.steps == 24 and quick.batch_size == 4
