@@ -59,6 +59,32 @@ def test_bench_peft_parts_write_json_without_load_reports(tmp_path, capfd):
         assert noise not in out + err
 
 
+def test_bench_llm_quick_measures_every_family_against_lora16(tmp_path, capsys):
+    """``surm bench llm``: the LLM shapes without the MiniLM ones, LoRA r=16 as the reference,
+    the overhead over the frozen layer and the saved bytes as fractions of LoRA's."""
+    argv = ["bench", "llm", "--quick", "--repeats", "1", "--threads", "1", "--dtype", "float32",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "bench_llm.json").read_text())
+    rows = {r["method"]: r for r in saved["layers"]}
+    assert set(rows) == {"head", "lora:16", "c3a:64", "surm:circulant", "surm:skew_circulant", "surm:toeplitz",
+                         "surm:symmetric_toeplitz", "surm:kronecker", "surm:ldr:rank=1"}
+    assert {r["shape"] for r in rows.values()} == {"smollm2 q/o"} and not (tmp_path / "bench.json").exists()
+    lora = rows["lora:16"]
+    assert lora["vs_lora"] == lora["overhead_vs_lora"] == lora["saved_vs_lora"] == 1.0
+    assert rows["head"]["overhead_vs_lora"] == 0.0 and rows["head"]["vs_base"] == 1.0
+    assert rows["surm:circulant"]["trainable"] == 576 and rows["surm:circulant"]["dtype"] == "float32"
+    assert "x LoRA r=16" in capsys.readouterr().out
+
+
+def test_bench_layers_runs_in_another_dtype(tmp_path):
+    argv = ["bench", "layers", "--quick", "--methods", "surm:toeplitz", "--repeats", "1", "--dtype", "float64",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["layers"]
+    assert {r["dtype"] for r in rows} == {"float64"} and {r["device"] for r in rows} == {"cpu"}
+
+
 def test_bench_layers_skips_a_method_that_does_not_fit_a_shape(tmp_path, capsys):
     argv = ["bench", "layers", "--quick", "--methods", "surm:toeplitz", "c3a:256", "--repeats", "1",
             "--out", str(tmp_path)]
@@ -125,10 +151,20 @@ def test_bench_rejects_an_unknown_method_before_loading_a_model(monkeypatch, cap
     (["layers", "--tokens", "64"], "--tokens applies to ops"),
     (["ops", "--profile", "ldr"], "--profile 'ldr': not an ops method; choose from dense, circulant,"),
     (["ops", "--repeats", "0"], "--repeats must be at least 1"),
+    (["--device", "cpu"], "--device and --dtype apply to layers and llm only, not to steps, inference"),
+    (["ops", "--dtype", "bfloat16"], "--dtype applies to layers or llm"),
+    (["llm", "--device", "gpu0"], "--device 'gpu0': not a torch device"),
 ])
 def test_bench_rejects_bad_options(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_llm_on_cuda_without_a_gpu_says_so(capsys):
+    assert main(["bench", "llm", "--device", "cuda", "--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda: torch" in err and "sees no CUDA device" in err
 
 
 def test_bench_parser_imports_nothing_heavy():

@@ -2,8 +2,9 @@
 
 One module per benchmark:
 
-- :mod:`~surm.bench.layers` (``layers``): one linear layer, forward + backward, with each
-  fine-tuning method's update;
+- :mod:`~surm.bench.layers` (``layers``, ``llm``): one linear layer, forward + backward, with
+  each fine-tuning method's update (``llm``: at the shapes of SmolLM2-135M and Llama-2-7B,
+  against LoRA r=16);
 - :mod:`~surm.bench.training_step` (``steps``, ``inference``): MiniLM training steps, and
   inference after ``merge_and_unload``;
 - :mod:`~surm.bench.ops` (``ops``): each structured product against a dense matmul;
@@ -18,7 +19,7 @@ in the same rounds. This module imports nothing, so the command line can read th
 """
 
 #: The benchmarks, in the order ``surm bench`` runs them.
-PARTS = ("layers", "steps", "inference", "ops", "fused")
+PARTS = ("layers", "steps", "inference", "ops", "fused", "llm")
 #: The parts ``surm bench`` runs when none is named: SURM against PEFT LoRA and C3A.
 PEFT_PARTS = ("layers", "steps", "inference")
 #: The methods of the PEFT comparison (method strings of :func:`surm.methods.parse`): the
@@ -38,3 +39,18 @@ DEFAULT_METHODS = (
 )
 #: Always measured: ratios are taken to them (``head`` is the floor, ``lora:8`` the reference).
 REFERENCE_METHODS = ("head", "lora:8")
+#: The methods of the ``llm`` part: the frozen layer, LoRA r=16 (the usual rank at LLM scale),
+#: C3A, every SURM family with its default knobs (LDR at rank 1).
+LLM_METHODS = (
+    "head",
+    "lora:16",
+    "c3a:64",
+    "surm:circulant",
+    "surm:skew_circulant",
+    "surm:toeplitz",
+    "surm:symmetric_toeplitz",
+    "surm:kronecker",
+    "surm:ldr:rank=1",
+)
+#: The references of the ``llm`` part.
+LLM_REFERENCE_METHODS = ("head", "lora:16")

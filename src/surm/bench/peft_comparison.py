@@ -11,17 +11,63 @@ from typing import Any, Sequence
 
 from surm.methods import Method, parse
 
-from . import DEFAULT_METHODS, PEFT_PARTS, REFERENCE_METHODS
+from . import DEFAULT_METHODS, LLM_METHODS, LLM_REFERENCE_METHODS, PEFT_PARTS, REFERENCE_METHODS
 from .report import machine, markdown_table, write_json
 
 
-def with_references(methods: Sequence[str | Method] | None) -> list[Method]:
-    """``methods`` (default :data:`~surm.bench.DEFAULT_METHODS`) parsed, the references the
-    ratios need (``head``, ``lora:8``) put first where missing. Raises ValueError on a bad
-    method string."""
-    chosen = [parse(m) for m in (methods or DEFAULT_METHODS)]
-    missing = [parse(r) for r in REFERENCE_METHODS if parse(r) not in chosen]
+def with_references(
+    methods: Sequence[str | Method] | None,
+    defaults: Sequence[str] = DEFAULT_METHODS,
+    references: Sequence[str] = REFERENCE_METHODS,
+) -> list[Method]:
+    """``methods`` (default ``defaults``) parsed, the references the ratios need (``head``,
+    ``lora:8``) put first where missing. Raises ValueError on a bad method string."""
+    chosen = [parse(m) for m in (methods or defaults)]
+    missing = [parse(r) for r in references if parse(r) not in chosen]
     return missing + chosen
+
+
+LAYER_TABLE = [
+    ("shape", "shape", ""), ("method", "method", ""), ("params", "trainable", ","),
+    ("ms", "median_s_ms", ".2f"), ("x base", "vs_base", ".2f"),
+    ("x LoRA r=8", "vs_lora", ".2f"), ("saved MB", "saved_mb", ".2f"),
+]
+#: the ``llm`` table: LoRA r=16 as the reference, the overhead and saved-bytes ratios
+LLM_TABLE = [
+    ("shape", "shape", ""), ("method", "method", ""), ("params", "trainable", ","),
+    ("ms", "median_s_ms", ".1f"), ("x frozen", "vs_base", ".2f"), ("x LoRA r=16", "vs_lora", ".2f"),
+    ("overhead / LoRA's", "overhead_vs_lora", ".2f"), ("saved MB", "saved_mb", ".1f"),
+    ("saved / LoRA's", "saved_vs_lora", ".2f"),
+]
+
+
+def run_llm(
+    methods: Sequence[str | Method] | None = None,
+    repeats: int = 10,
+    out: Path | None = None,
+    quick: bool = False,
+    clock: str = "wall",
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> dict[str, Any]:
+    """The ``llm`` part: one layer at each of :data:`~surm.bench.layers.LLM_SHAPES` (2048
+    tokens), forward + backward, every method against LoRA r=16 in the same rounds, on
+    ``device`` in ``dtype``. ``quick``: the first shape at 64 tokens. Writes ``bench_llm.json``."""
+    import torch
+
+    from .layers import LLM_SHAPES, bench_layers
+
+    methods = with_references(methods, LLM_METHODS, LLM_REFERENCE_METHODS)
+    shapes = [(label, 64 if quick else t, i, o) for label, t, i, o in LLM_SHAPES[: 1 if quick else None]]
+    results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "clock": clock, "device": device,
+                               "dtype": dtype, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    results["layers"] = bench_layers(methods, shapes, repeats=repeats, clock=clock, device=device,
+                                     dtype=getattr(torch, dtype), reference=LLM_REFERENCE_METHODS[1])
+    print(f"\n## LLM shapes, one layer: forward + backward (median), {device} {dtype}, ratios measured in one run\n")
+    print(markdown_table(results["layers"], LLM_TABLE))
+    if out is not None:
+        write_json(out / "bench_llm.json", results)
+    return results
 
 
 def run(
@@ -32,8 +78,11 @@ def run(
     seq_lens: tuple[int, ...] = (64, 128),
     quick: bool = False,
     clock: str = "wall",
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, Any]:
-    """parts: any of "layers", "steps", "inference". ``quick`` shrinks everything (smoke)."""
+    """parts: any of "layers", "steps", "inference". ``quick`` shrinks everything (smoke).
+    ``device`` and ``dtype`` (a torch dtype's name) are those of the ``layers`` part."""
     methods = with_references(methods)
     results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "clock": clock,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -41,13 +90,12 @@ def run(
         from .layers import DEFAULT_SHAPES, bench_layers
 
         shapes = [(label, 64 if quick else t, i, o) for label, t, i, o in DEFAULT_SHAPES[: 1 if quick else None]]
-        results["layers"] = bench_layers(methods, shapes, repeats=repeats, clock=clock)
+        import torch
+
+        results["layers"] = bench_layers(methods, shapes, repeats=repeats, clock=clock, device=device,
+                                         dtype=getattr(torch, dtype))
         print("\n## Per layer: forward + backward (median), ratios measured in one run\n")
-        print(markdown_table(results["layers"], [
-            ("shape", "shape", ""), ("method", "method", ""), ("params", "trainable", ","),
-            ("ms", "median_s_ms", ".2f"), ("x base", "vs_base", ".2f"),
-            ("x LoRA r=8", "vs_lora", ".2f"), ("saved MB", "saved_mb", ".2f"),
-        ]))
+        print(markdown_table(results["layers"], LAYER_TABLE))
     if "steps" in parts:
         from .training_step import bench_training_steps
 

@@ -2,7 +2,8 @@
 
 ``surm bench [PART ...]``: ``layers``, ``steps``, ``inference`` (SURM against PEFT LoRA and C3A,
 the default), ``ops`` (each structured product against dense), ``fused`` (the fused parallel
-layer against the plain one; ``--policy``: where fused starts to win). The benchmarks are
+layer against the plain one; ``--policy``: where fused starts to win), ``llm`` (one layer at
+SmolLM2-135M's and Llama-2-7B's shapes against LoRA r=16; ``--device``/``--dtype`` for a GPU). The benchmarks are
 :mod:`surm.bench`; this module parses, checks and dispatches.
 """
 
@@ -28,6 +29,8 @@ same rounds. Parts:
   inference  MiniLM after merge_and_unload, against the base model
   ops        each structured product, forward and forward + backward, against a dense matmul
   fused      the fused parallel SURM layer against the plain one and a LoRA branch
+  llm        one layer at SmolLM2-135M's and Llama-2-7B's shapes, 2048 tokens, against LoRA
+             r=16: time, overhead over the frozen layer, saved-for-backward bytes
 """
 
 EPILOG = f"""\
@@ -38,6 +41,8 @@ methods (--methods): method strings, as for surm finetune, e.g.
 
 examples:
   surm bench --threads 1 --clock cpu --repeats 7      # docs/benchmarks.md
+  surm bench llm --threads 1 --clock cpu --repeats 5  # docs/benchmarks.md, LLM shapes
+  surm bench llm --device cuda --dtype bfloat16       # the same on a GPU
   surm bench layers --methods surm:kronecker --quick
   surm bench ops --threads 1                          # docs/structured_ops.md
   surm bench ops --profile ldr:rank=2 --shape 384 1536
@@ -47,7 +52,9 @@ examples:
 
 #: options that only some parts read: dest -> (the parts, the flag as written)
 _PART_OPTIONS = {
-    "methods": (PEFT_PARTS, "--methods"),
+    "methods": ((*PEFT_PARTS, "llm"), "--methods"),
+    "device": (("layers", "llm"), "--device"),
+    "dtype": (("layers", "llm"), "--dtype"),
     "seq_lens": (("steps",), "--seq-lens"),
     "tokens": (("ops",), "--tokens"),
     "shape": (("ops",), "--shape"),
@@ -58,6 +65,10 @@ _PART_OPTIONS = {
 }
 #: interleaved rounds when --repeats is not given
 _DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15}
+#: --dtype choices (names of torch dtypes)
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+#: the parts that read --device and --dtype; the others run on the CPU in float32
+_DEVICE_PARTS = ("layers", "llm")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -80,7 +91,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help="folder for bench.json, ops.json, ops_costs.json, fused.json, fused_policy.json "
                             "(default: %(default)s)")
     every.add_argument("--quick", action="store_true", help="tiny sizes: checks that everything runs")
-    peft = p.add_argument_group(", ".join(PEFT_PARTS))
+    layer = p.add_argument_group("layers, llm")
+    layer.add_argument("--device", default=None, help="torch device of the layers, e.g. cuda (default: cpu)")
+    layer.add_argument("--dtype", choices=DTYPES, default=None,
+                       help="dtype of the base layer, inputs and gradients (default: float32)")
+    peft = p.add_argument_group(", ".join(PEFT_PARTS) + ", llm")
     peft.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                       help=f"method strings (default: {' '.join(DEFAULT_METHODS)})")
     peft.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
@@ -119,6 +134,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
     for flag, value, least in numbers:
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
+    _check_device(args, parts)
     if args.profile and args.cost_model:
         raise UsageError("--profile and --cost-model are two different runs; give one")
     if args.profile:
@@ -127,13 +143,49 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
         if args.profile not in LABELS:
             raise UsageError(f"--profile {args.profile!r}: not an ops method; choose from {', '.join(LABELS)}")
     if not set(PEFT_PARTS) & set(parts):
+        if "llm" in parts and args.methods:
+            _methods(args.methods)
         return parts, None
+    return parts, _methods(args.methods)
+
+
+def _methods(strings: list[str] | None) -> list[Method]:
+    """The PEFT comparison's methods (references first), or a UsageError on a bad string."""
     from surm.bench.peft_comparison import with_references
 
     try:
-        return parts, with_references(args.methods)
+        return with_references(strings)
     except ValueError as err:
         raise UsageError(err) from None
+
+
+def _check_device(args: argparse.Namespace, parts: list[str]) -> None:
+    """--device and --dtype: only with the parts that read them, a device torch knows, CUDA only
+    where torch sees it, and the wall clock off the CPU (process CPU time does not see a GPU)."""
+    if args.device is None and args.dtype is None:
+        return
+    others = [p for p in parts if p not in _DEVICE_PARTS]
+    if others:
+        raise UsageError(f"--device and --dtype apply to {' and '.join(_DEVICE_PARTS)} only, not to "
+                         f"{', '.join(others)}; e.g. surm bench llm --device cuda --dtype bfloat16")
+    if args.device is None:
+        return
+    import torch
+
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {args.device!r}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: torch {torch.__version__} sees no CUDA device on this machine; "
+                         f"leave --device out to run on the CPU")
+    if device.type != "cpu" and args.clock == "cpu":
+        raise UsageError(f"--clock cpu measures this process's CPU time, not the work of {device.type}; "
+                         f"use --clock wall with --device {args.device}")
+
+
+def _device_options(args: argparse.Namespace) -> dict[str, str]:
+    return {"device": args.device or "cpu", "dtype": args.dtype or "float32"}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,7 +203,14 @@ def run(args: argparse.Namespace) -> int:
 
         with torch_threads(args.threads):
             peft_comparison.run(peft_parts, methods, repeats=args.repeats or _DEFAULT_REPEATS["peft"], out=out,
-                                seq_lens=tuple(args.seq_lens or (64, 128)), quick=args.quick, clock=args.clock)
+                                seq_lens=tuple(args.seq_lens or (64, 128)), quick=args.quick, clock=args.clock,
+                                **_device_options(args))
+    if "llm" in parts:
+        from surm.bench import peft_comparison
+
+        with torch_threads(args.threads):
+            peft_comparison.run_llm(args.methods, repeats=args.repeats or _DEFAULT_REPEATS["peft"], out=out,
+                                    quick=args.quick, clock=args.clock, **_device_options(args))
     if "ops" in parts:
         from surm.bench import ops
 
