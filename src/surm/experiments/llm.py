@@ -46,6 +46,8 @@ from .store import Runner
 #: The models by key: the packaged SmolLM2-135M-Instruct, or a random 2-layer Llama with a
 #: word-level tokenizer (:mod:`surm.tiny_llama`) for smoke tests.
 MODELS = {"smollm2": "smollm2-135m", "tiny-llama": "tiny-llama"}
+#: How tables and plots name the models.
+MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "tiny-llama": "tiny random Llama"}
 BASE = "base"  # the method that trains nothing
 DATASETS = ("grimm_tales", "friends")
 
@@ -219,7 +221,8 @@ def run(config: LlmPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     payload = {"experiment": "llm", "preset": config.name, "config": settings, "wall_seconds": wall,
                "prompts": prompts, "rows": rows}
     first = [r for r in rows if r["seed"] == config.seeds[0]]
-    figure = plot_curves(first, out_dir / "llm.png", f"{config.model} on {config.dataset}: validation loss"
+    figure = plot_curves(first, out_dir / "llm.png",
+                         f"{MODEL_TITLES[config.model]} on {config.dataset}: validation loss"
                          + (f" (seed {config.seeds[0]})" if len(config.seeds) > 1 else ""))
     return report.write(out_dir, "llm", payload, markdown(payload), [figure])
 
@@ -312,7 +315,7 @@ def markdown(payload: dict[str, Any]) -> str:
         ])
     first = rows[0]
     lines = [
-        f"# {config['model']} on {config['dataset']} ({payload['preset']} preset)",
+        f"# {MODEL_TITLES.get(config['model'], config['model'])} on {config['dataset']} ({payload['preset']} preset)",
         "",
         f"{config['steps']} steps of {config['batch_size']} examples, max_length {config['max_length']}, each "
         f"method at its default learning rate; validation {first['validation']['n']} examples "
@@ -320,7 +323,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"({first['test']['tokens']}). Loss: mean cross-entropy (nats) per response token; ppl = exp(loss). "
         f"s/step: wall time per optimizer step, CPU s/step: the process's CPU time per step (which does not "
         f"grow when other processes share the cores; evaluations left out of both). "
-        f"Memory: peak resident size while training (growth over the start in brackets). "
+        f"Memory: peak resident size of the process while training (growth over its size at the start in "
+        f"brackets); the process also holds the base model and what earlier methods left to the allocator, "
+        f"so compare the growth, and that loosely. "
         f"Wall time {payload['wall_seconds'] / 60:.1f} min.",
         "",
         report.markdown_table(header, table),
