@@ -62,3 +62,17 @@ def test_full_presets_choose_rates_on_validation_with_the_same_grid():
         full = module.PRESETS["full"]
         assert full.lr_factors == nlp.FAIR_FACTORS and len(full.seeds) == 3
         assert {parse("surm:circulant"), parse("surm:toeplitz")} <= set(full.at_default)
+
+
+def test_a_method_that_does_not_fit_the_model_fails_before_any_run_trains(tmp_path):
+    from surm.experiments.runs import RunSpec
+
+    store = RunStore(tmp_path / "runs")
+    good = RunSpec(dataset="rotten_tomatoes", method="head", model="tiny-bert", train_fraction=0.002, n_eval=8)
+    bad = good.replace(method="c3a:5")  # 5 divides none of tiny-bert's layer widths
+    with pytest.raises(ValueError, match=r"cannot start: c3a:5 on tiny-bert: .*block size"):
+        Runner(store, progress=False).run_all([good, bad], "test")
+    assert not list(store.root.glob("*.json"))  # nothing trained, nothing stored
+    image = RunSpec(dataset="digits", method="c3a:4", model="efficientnet", train_fraction=0.01, n_eval=8)
+    with pytest.raises(ValueError, match="PEFT's C3A adapts Linear layers only"):
+        Runner(store, progress=False).run_all([image], "test")

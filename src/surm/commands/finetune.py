@@ -201,60 +201,33 @@ def _with_head(adapter, head: str | None):
 
 
 def check_fits(spec, adapter=None) -> None:
-    """Apply the method (or ``adapter``) to the skeleton of ``spec``'s model on the meta device:
-    an unknown model, a knob the family lacks or a block size that does not divide a layer
-    fails here, as a :class:`UsageError`, with no weights loaded."""
-    import copy
-    import warnings
+    """Apply the method (or ``adapter``) to the skeleton of ``spec``'s model on the meta device
+    (:func:`surm.experiments.skeleton.check_fits`): an unknown model, a knob the family lacks or
+    a block size that does not divide a layer fails here, as a :class:`UsageError`, with no
+    weights loaded."""
+    from surm.experiments import skeleton
 
-    from surm import methods
-
-    model = _skeleton(spec)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            methods.apply(model, spec.method if adapter is None else copy.deepcopy(adapter), spec.profile)
+        skeleton.check_fits(spec, adapter)
     except ValueError as err:
-        what = spec.method.name if adapter is None else "the adapter config"
-        raise UsageError(f"{what} on {spec.model}: {err}") from None
+        raise UsageError(str(err)) from None
 
 
 def _skeleton(spec):
-    """``spec``'s model, built on the meta device: its layers and shapes, no weights."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSequenceClassification, BertConfig
+    """``spec``'s model on the meta device (:func:`surm.experiments.skeleton.skeleton`); a bad
+    model is a :class:`UsageError`."""
+    from surm.experiments import skeleton
 
-    from surm import methods
-    from surm.experiments.runs import TINY_BERT
-    from surm.models import load_image_classifier
-
-    if spec.model == "efficientnet":
-        with torch.device("meta"):
-            return methods.plain_pointwise_convs(load_image_classifier(2, pretrained=False))
-    if spec.model == "tiny-bert":
-        config = BertConfig(**TINY_BERT)
-    elif spec.model != "minilm" and not Path(spec.model).is_dir():  # not looked up online: runs are offline
-        raise UsageError(f"unknown model {spec.model!r}: choose minilm, tiny-bert, efficientnet or a local "
-                         f"transformers model directory")
-    else:
-        try:
-            config = AutoConfig.from_pretrained(_text_model_path(spec.model))
-        except (OSError, ValueError) as err:
-            raise UsageError(f"model {spec.model!r}: no transformers config there "
-                             f"({str(err).splitlines()[0]})") from None
     try:
-        with torch.device("meta"):
-            return AutoModelForSequenceClassification.from_config(config)
+        return skeleton.skeleton(spec)
     except ValueError as err:
-        raise UsageError(f"model {spec.model!r} is no sequence classifier ({str(err).splitlines()[0]})") from None
+        raise UsageError(str(err)) from None
 
 
 def _text_model_path(model: str) -> str:
-    """Where a text model's config and tokenizer are: the packaged MiniLM (also the tokenizer
-    of tiny-bert), or the model's own directory or name."""
-    from surm.models import packaged_text_model_path
+    from surm.experiments.skeleton import text_model_path
 
-    return str(packaged_text_model_path()) if model in ("minilm", "tiny-bert") else model
+    return text_model_path(model)
 
 
 # --------------------------------------------------------------------------- running

@@ -101,9 +101,10 @@ class Runner:
         progress bar (with ``jobs > 1``, the missing runs in parallel processes of one thread
         each); ``(records in spec order, wall seconds)``."""
         start = time.perf_counter()
+        stored = {} if self.fresh or self.store is None else {s.key: self.store.read(s) for s in specs}
+        missing = [s for s in dict.fromkeys(specs) if stored.get(s.key) is None]
+        check_methods_fit(missing)
         if self.jobs > 1:
-            stored = {} if self.fresh or self.store is None else {s.key: self.store.read(s) for s in specs}
-            missing = [s for s in dict.fromkeys(specs) if stored.get(s.key) is None]
             if len(missing) > 1:
                 done = {**{k: r for k, r in stored.items() if r is not None}, **self._train_in_parallel(missing, desc)}
                 return [done[s.key] for s in specs], time.perf_counter() - start
@@ -116,7 +117,8 @@ class Runner:
                 progress.note(f"{desc} [{i}/{len(specs)}] {label}", self.progress)
                 if outer is not None:
                     outer.set_postfix_str(label)
-                records.append(self.run(spec))
+                record = stored.get(spec.key)
+                records.append(record if record is not None else self.run(spec))
                 if outer is not None:
                     outer.update()
             if outer is not None:
@@ -152,6 +154,23 @@ class Runner:
         if self.store is None:
             raise KeyError(f"no deltas of {spec.slug}: run it with save_deltas=True first")
         return self.store.deltas(spec)
+
+
+def check_methods_fit(specs: Sequence[RunSpec]) -> None:
+    """Build each distinct (model, method or adapter config, profile) of ``specs`` on its model's
+    skeleton (meta device, no weights): ValueError, naming the run, before any of them trains."""
+    from .skeleton import check_fits
+
+    seen = set()
+    for spec in specs:
+        key = (spec.model, spec.method, spec.adapter, spec.modality)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            check_fits(spec, spec.adapter_config() if spec.adapter is not None else None)
+        except ValueError as err:
+            raise ValueError(f"run {spec.slug} cannot start: {err}") from None
 
 
 def _train_one(spec_json: dict) -> tuple[dict, dict[str, torch.Tensor] | None]:
