@@ -41,6 +41,17 @@ def test_lora_default_rate_and_no_save(tmp_path):
     assert result["lr"] == pytest.approx(3e-3) and not (out / "adapter").exists()
 
 
+def test_adapter_config_on_a_causal_lm(tmp_path):
+    config = tmp_path / "toeplitz_qv.json"
+    config.write_text(json.dumps({"structure": "toeplitz", "target_modules": ["q_proj", "v_proj"]}))
+    out = tmp_path / "run"
+    main(["finetune", *TINY, "--adapter-config", str(config), "--output-dir", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert result["method"] == "surm:toeplitz (adapter config)" and result["lr"] == pytest.approx(3e-2)
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"] and saved["structure"] == "toeplitz"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "head"], "classification head"),
     (["--method", "lora8"], "unknown method"),

@@ -34,7 +34,7 @@ from torch import nn
 from surm.chat import IGNORE_INDEX, collate, encode_example
 from surm.data import InstructionSplit
 from surm.methods import Profile
-from surm.train import _chunks, length_grouped_batches
+from surm.train import length_grouped_batches
 
 __all__ = [
     "LLAMA",
@@ -119,7 +119,8 @@ class InstructionBatcher:
 
     def eval_batches(self, split: InstructionSplit, batch_size: int) -> list[np.ndarray]:
         """Batches of indices sorted by length: evaluation pads as little as possible."""
-        return _chunks(np.argsort(self.lengths(split), kind="stable"), batch_size)
+        order = np.argsort(self.lengths(split), kind="stable")
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: Any = None) -> torch.Tensor:

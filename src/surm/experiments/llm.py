@@ -187,7 +187,7 @@ def matched_lora_rank(model, method: surm_methods.Method) -> tuple[int, int]:
 def run(config: LlmPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Fine-tune with every method of ``config``; writes llm.json / .md / .png into ``out_dir``."""
     from surm import progress
-    from surm.causal_lm import InstructionBatcher, evaluate_lm, generate
+    from surm.causal_lm import InstructionBatcher, generate
     from surm.train import TrainConfig
 
     out_dir.mkdir(parents=True, exist_ok=True)
