@@ -124,9 +124,7 @@ def run(config: LowresPreset, out_dir: Path, runner: Runner) -> report.Outcome:
             chosen, {f: f"{100 * f:g} % of the training set" for f in config.fractions},
             f"Low-resource learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)",
             out_dir / "lowres_lr.png"))
-        payload["lr_chosen"] = [{"train_fraction": f, "method": m, "lr": lr, "default": chosen.defaults[(f, m)]}
-                                for (f, m), lr in chosen.chosen.items()]
-        payload["lr_grid_runs"] = chosen.sweep
+        payload.update(chosen.payload())
     return report.write(out_dir, "lowres", payload, markdown, figures)
 
 

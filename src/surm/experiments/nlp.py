@@ -173,9 +173,7 @@ def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
         figures.append(selection.sensitivity_plot(
             chosen, {d: DATASET_NAMES.get(d, d) for d in config.methods},
             f"Learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)", out_dir / "nlp_lr.png"))
-        payload["lr_chosen"] = [{"dataset": d, "method": m, "lr": lr, "default": chosen.defaults[(d, m)]}
-                                for (d, m), lr in chosen.chosen.items()]
-        payload["lr_grid_runs"] = chosen.sweep
+        payload.update(chosen.payload())
     return report.write(out_dir, "nlp", payload, markdown, figures)
 
 

@@ -53,6 +53,13 @@ class Selection:
         """``(group value, method name)`` of ``spec``."""
         return getattr(spec, self.group), spec.method.name
 
+    def payload(self) -> dict:
+        """The JSON fields of an experiment's report: each chosen rate beside its default, and the
+        grid's runs."""
+        chosen = [{self.group: value, "method": method, "lr": lr, "default": self.defaults[(value, method)]}
+                  for (value, method), lr in self.chosen.items()]
+        return {"lr_chosen": chosen, "lr_grid_runs": self.sweep}
+
     def grid_runs(self, key: tuple) -> list[RunRecord]:
         """The first seed's runs over ``key``'s grid, by rate."""
         return sorted((r for r in self.sweep if self.key(r.spec) == key), key=lambda r: r.lr)

@@ -128,9 +128,7 @@ def run(config: VisionPreset, out_dir: Path, runner: Runner) -> report.Outcome:
             chosen, {d: DATASET_NAMES.get(d, d) for d in config.datasets},
             f"EfficientNet-Lite0: learning-rate sensitivity, seed {config.seeds[0]} ({config.name} preset)",
             out_dir / "vision_lr.png"))
-        payload["lr_chosen"] = [{"dataset": d, "method": m, "lr": lr, "default": chosen.defaults[(d, m)]}
-                                for (d, m), lr in chosen.chosen.items()]
-        payload["lr_grid_runs"] = chosen.sweep
+        payload.update(chosen.payload())
     return report.write(out_dir, "vision", payload, markdown, figures)
 
 
