@@ -68,6 +68,7 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     """``torchrun --nproc-per-node 2`` (gloo, CPU): each process takes half of every batch, so the
     result matches one process up to how the per-process token means are averaged."""
     import os
+    import signal
     import subprocess
     import sys
 
@@ -78,10 +79,17 @@ def test_torchrun_two_processes_train_like_one(tmp_path):
     argv = [*TINY, "--method", "surm:circulant", "--no-save"]
     main(["finetune", *argv, "--output-dir", str(tmp_path / "one")])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "surm", "finetune", *argv, "--output-dir", str(tmp_path / "two")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "surm", "finetune", *argv, "--output-dir", str(tmp_path / "two")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # its own process group: a hung launch takes its workers along
+    try:
+        _, stderr = launch.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.communicate()
+        pytest.fail("torchrun did not finish within 300 s")
+    assert launch.returncode == 0, stderr[-2000:]
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two["world_size"] == 2 and one["world_size"] == 1
     assert two["curve"][0]["loss"] == pytest.approx(one["curve"][0]["loss"])  # the same start
