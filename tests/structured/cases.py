@@ -1,9 +1,10 @@
 """Shared parameter grid for the structured-matrix tests: every family with its knob settings,
-on odd, even, prime, square and rectangular shapes."""
+on odd, even, prime, square and rectangular shapes (43 x 4 and 4 x 43: a circulant whose prime
+size makes its products take the smooth circulant embedding of its window instead)."""
 
 from surm import structured
 
-SHAPES = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 9), (6, 10), (10, 6), (13, 5), (5, 13), (12, 18)]
+SHAPES = [(1, 1), (2, 2), (7, 7), (8, 8), (9, 9), (6, 10), (10, 6), (13, 5), (5, 13), (12, 18), (43, 4), (4, 43)]
 
 
 def knob_settings(name, m, n):

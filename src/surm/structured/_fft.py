@@ -20,6 +20,41 @@ def fft_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float32 if dtype in _HALF_DTYPES else dtype
 
 
+#: How much slower per point an FFT of a length with a prime factor above 5 is than a 2-3-5-smooth
+#: one, about (2048 rows, one thread: length 11008 = 2^8 * 43 against 12288 and 15360).
+NON_SMOOTH_FFT_FACTOR = 1.6
+
+
+def lag_fft_size(rows: int, cols: int, period: int | None = None) -> int:
+    """The FFT length for products with the ``rows x cols`` Toeplitz window ``T[i, j] = t[i - j]``.
+
+    Any cyclic length L >= rows + cols - 1 holds every lag once (the circulant embedding); the
+    smallest 2-3-5-smooth one is the candidate. A window of a circulant of size ``period``
+    (lags that differ by ``period`` are the same coefficient) may also use L = ``period``
+    itself, exact as well; it is taken when cheaper by :func:`fft_cost` (a period with a
+    large prime factor, such as 11008 = 2^8 * 43, can lose to a longer smooth length).
+    """
+    embed = fast_fft_size(rows + cols - 1)
+    if period is None or period < max(rows, cols):
+        return embed
+    return period if fft_cost(period) <= fft_cost(embed) else embed
+
+
+def embedded_filter(lags: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+    """The first column (..., size) of the size-``size`` circulant whose top-left ``rows x cols``
+    corner is ``T[i, j] = lags[..., i - j + cols - 1]`` (lags (..., rows+cols-1), size >=
+    rows + cols - 1): lags 0..rows-1, zeros, lags -(cols-1)..-1."""
+    zeros = lags.new_zeros(*lags.shape[:-1], size - (rows + cols - 1))
+    return torch.cat([lags[..., cols - 1 :], zeros, lags[..., : cols - 1]], dim=-1)
+
+
+def lags_from_correlation(r: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """The inverse of :func:`embedded_filter` on a cyclic correlation ``r (..., size)``: its
+    lags -(cols-1)..rows-1, (..., rows+cols-1)."""
+    size = r.shape[-1]
+    return torch.cat([r[..., size - cols + 1 :], r[..., :rows]], dim=-1)
+
+
 def fast_fft_size(n: int) -> int:
     """Smallest integer >= n whose only prime factors are 2, 3 and 5 (fast for every FFT backend)."""
     if torch.compiler.is_compiling():  # traced once: no cache (dynamo warns about lru_cache)
@@ -89,8 +124,10 @@ MATMUL_NS_PER_MAC = 0.012
 
 
 def fft_cost(size: int, transforms: float = 1.0) -> float:
-    """Estimated ns per token of ``transforms`` real FFTs of length ``size`` (CPU)."""
-    return transforms * FFT_NS_PER_UNIT * size * max(1.0, size.bit_length() - 0.5)
+    """Estimated ns per token of ``transforms`` real FFTs of length ``size`` (CPU); lengths
+    with a prime factor above 5 cost :data:`NON_SMOOTH_FFT_FACTOR` times more."""
+    smooth = 1.0 if fast_fft_size(size) == size else NON_SMOOTH_FFT_FACTOR
+    return transforms * smooth * FFT_NS_PER_UNIT * size * max(1.0, size.bit_length() - 0.5)
 
 
 def matmul_cost(macs: float) -> float:
@@ -153,3 +190,20 @@ def toeplitz_from_lags(v: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """The (rows x cols) matrix ``T[i, j] = v[..., i - j + cols - 1]`` (v (..., rows+cols-1)):
     a strided window view plus one flip, O(rows * cols)."""
     return v.unfold(-1, cols, 1).flip(-1)
+
+
+def add_toeplitz_(out: torch.Tensor, weight: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """``out = weight + scale * toeplitz_from_lags(v, m, n)`` for weight and out (m, n), v (m+n-1),
+    in one pass over the m x n memory (eager only; out must not overlap weight).
+
+    Row i of the Toeplitz matrix is the reversed window ``rev[m-1-i : m-1-i+n]`` of
+    ``rev = v.flip()``: a block of rows is a row-flipped slice of ``rev.unfold``, flipped in
+    blocks small enough to stay in cache instead of materialising the whole flipped matrix.
+    """
+    m, n = weight.shape
+    windows = v.flip(-1).unfold(-1, n, 1)  # (m, n): row k is row m-1-k of the Toeplitz matrix
+    block = max(1, (1 << 18) // n)
+    for i0 in range(0, m, block):
+        i1 = min(m, i0 + block)
+        torch.add(weight[i0:i1], windows[m - i1 : m - i0].flip(0), alpha=scale, out=out[i0:i1])
+    return out

@@ -164,20 +164,41 @@ class StructuredMatrix(nn.Module, abc.ABC):
         """``dense()`` in ``dtype``; families override this with an O(m n) construction."""
         return self.dense().to(dtype)
 
-    def merge(self, weight: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``weight + scale * S`` as a new (out_features, in_features) tensor.
+    def merge(
+        self,
+        weight: torch.Tensor,
+        scale: float = 1.0,
+        *,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``weight + scale * S`` as a new (out_features, in_features) tensor, or written into
+        ``out`` (same shape, in ``dtype``, not overlapping weight; eager, no autograd: the fused
+        layer's reused buffer).
 
         Computed in ``dtype`` (default: the promoted dtype of weight and the parameters, half
-        precision raised to float32, so that a bf16 merge rounds once). Differentiable, but
-        meant for no-grad use (the fused layer, merging an adapter into its base weight).
+        precision raised to float32, so that a bf16 merge rounds once). Differentiable without
+        ``out``, but meant for no-grad use (the fused layer, merging an adapter into its base
+        weight).
         """
+        self._check_merge_shape(weight)
+        dtype = dtype or fft_dtype(weight, *self.param_tensors())
+        if out is not None:
+            with torch.no_grad():
+                return self._merge_into(out, weight.to(dtype), scale)
+        return torch.add(weight.to(dtype), self._dense_for_merge(dtype), alpha=scale)
+
+    def _check_merge_shape(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != self.shape:
             raise ValueError(
                 f"{self.name} {self.out_features}x{self.in_features}: cannot merge into a weight of "
                 f"shape {tuple(weight.shape)}; expected (out_features, in_features) = {self.shape}"
             )
-        dtype = dtype or fft_dtype(weight, *self.param_tensors())
-        return torch.add(weight.to(dtype), self._dense_for_merge(dtype), alpha=scale)
+
+    def _merge_into(self, out: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """``out = weight + scale * S`` (weight already in out's dtype); families override this
+        with a single pass over the m x n memory."""
+        return torch.add(weight, self._dense_for_merge(out.dtype), alpha=scale, out=out)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The adjoint: gradients of ``sum_t g_t . (S x_t)`` with respect to the parameters.

@@ -10,8 +10,12 @@ Rectangular (m x n) matrices come in two layouts, chosen with ``block_size``:
 - ``b``: a (m/b) x (n/b) grid of independent b x b f-circulant blocks (b must divide m and
   n), m*n/b parameters (the layout of PEFT's C3A).
 
-Products cost O(n log n) per block row through rfft/irfft; the skew-circulant uses a
-length-2b real FFT whose even bins are masked out (the negacyclic convolution).
+Products cost O(n log n) per block row through rfft/irfft. One f-circulant (``block_size=None``)
+multiplies through its used m x n window, a Toeplitz matrix: on the circulant embedding of a
+2-3-5-smooth length >= m + n - 1, or, for the circulant, on the size-N circulant itself when
+that is cheaper (N = 11008 = 2^8 * 43 is not; :func:`~surm.structured._fft.lag_fft_size`).
+Blocks of the grid use length b (circulant) or a length-2b real FFT whose even bins are masked
+out (the negacyclic convolution of the skew-circulant).
 """
 
 from __future__ import annotations
@@ -24,10 +28,15 @@ from torch import nn
 
 from ._fft import (
     ZeroPadder,
+    add_toeplitz_,
     chunk_rows,
+    cyclic_conv,
     diagonal_sums,
+    embedded_filter,
     fft_cost,
     fft_dtype,
+    lag_fft_size,
+    lags_from_correlation,
     matmul_cost,
     negacyclic_mask,
     toeplitz_from_lags,
@@ -92,26 +101,49 @@ class _FCirculant(LinearStructuredMatrix):
         return index[:m, :n], sign[:m, :n]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        (p, q), b = self.grid, self.block
+        if self.grid == (1, 1):
+            return self._window_product(x)
+        return self._block_product(x)
+
+    # -- one f-circulant, of which the top-left m x n window is used ----------------------
+    # The window is the Toeplitz matrix of the lags i - j in [-(n-1), m-1] (:meth:`_lags`), so
+    # products run on its circulant embedding of a smooth length >= m + n - 1, or, for the
+    # circulant, on the circulant of size b itself where that is cheaper (lag_fft_size).
+    def _window_fft_size(self) -> int:
         m, n = self.out_features, self.in_features
+        return lag_fft_size(m, n, period=self.block if self.f == 1 else None)
+
+    def _own_period(self, size: int) -> bool:
+        """Whether FFT length ``size`` is the circulant's own (wrapped lags need no embedding)."""
+        return self.f == 1 and size == self.block
+
+    def _window_filter(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+        """(size,) first column of the size-``size`` circulant whose window is this matrix's."""
+        if self._own_period(size):
+            return self.weight.to(dtype)[0, 0]
+        return embedded_filter(self._lags(dtype)[0, 0], self.out_features, self.in_features, size)
+
+    def _window_product(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = fft_dtype(x, self.weight)
+        size = self._window_fft_size()
+        filter_f = torch.fft.rfft(self._window_filter(dtype, size))
+        y = cyclic_conv(filter_f, x.to(dtype), size)[..., : self.out_features]
+        return y.to(x.dtype)
+
+    # -- a grid of b x b blocks ----------------------------------------------------------
+    def _block_product(self, x: torch.Tensor) -> torch.Tensor:
+        (p, q), b = self.grid, self.block
         dtype = fft_dtype(x, self.weight)
         w = self.weight.to(dtype)
-        xb = x.to(dtype)
-        if q * b != n:  # block_size=None with n < N: pad x to N
-            xb = nn.functional.pad(xb, (0, q * b - n))
-        xb = xb.reshape(*x.shape[:-1], q, b)
+        xb = x.to(dtype).reshape(*x.shape[:-1], q, b)
         size = b if self.f == 1 else 2 * b
         x_f = torch.fft.rfft(xb, n=size)  # (..., q, F)
         w_f = torch.fft.rfft(w, n=size)  # (p, q, F)
         if self.f == -1:
             x_f = x_f * negacyclic_mask(b, x_f.device, dtype)
-        if p == 1 and q == 1:
-            y_f = x_f * w_f[0]  # (..., 1, F)
-        else:
-            y_f = torch.einsum("...qf,pqf->...pf", x_f, w_f)
+        y_f = torch.einsum("...qf,pqf->...pf", x_f, w_f)
         y = torch.fft.irfft(y_f, n=size)[..., :b]  # (..., p, b)
-        y = y.reshape(*x.shape[:-1], p * b)[..., :m]
-        return y.to(x.dtype)
+        return y.reshape(*x.shape[:-1], p * b).to(x.dtype)
 
     # -- fused-layer support ------------------------------------------------------------
     def _lags(self, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +165,11 @@ class _FCirculant(LinearStructuredMatrix):
         blocks = toeplitz_from_lags(self._lags(dtype), b, b)  # (p, q, b, b)
         return blocks.permute(0, 2, 1, 3).reshape(m, n)
 
+    def _merge_into(self, out: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.grid != (1, 1):  # (no super(): the product families borrow this method)
+            return torch.add(weight, self._dense_for_merge(out.dtype), alpha=scale, out=out)
+        return add_toeplitz_(out, weight, self._lags(out.dtype)[0, 0], scale)
+
     def adjoint_method(self, tokens: int, device: torch.device | str = "cpu") -> str:
         """``"fft"`` or ``"matmul"``: the cheaper route of :meth:`param_grads` (cost model in
         :mod:`surm.structured._fft`, measured on CPU; on other devices, unmeasured, matmuls
@@ -140,8 +177,11 @@ class _FCirculant(LinearStructuredMatrix):
         if torch.device(device).type != "cpu":
             return "matmul"
         (p, q), b = self.grid, self.block
-        size = b if self.f == 1 else 2 * b
-        fft = fft_cost(size, p + q) + (matmul_cost(4 * p * q * (size // 2 + 1)) if p * q > 1 else 0.0)
+        if p == q == 1:
+            fft = fft_cost(self._window_fft_size(), 2)
+        else:
+            size = b if self.f == 1 else 2 * b
+            fft = fft_cost(size, p + q) + matmul_cost(4 * p * q * (size // 2 + 1))
         return "fft" if fft < matmul_cost(self.out_features * self.in_features) else "matmul"
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor, *, method: str = "auto") -> tuple[torch.Tensor, ...]:
@@ -160,6 +200,41 @@ class _FCirculant(LinearStructuredMatrix):
         return (grad.to(self.weight.dtype),)
 
     def _grad_fft(self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.grid == (1, 1):
+            return self._grad_fft_window(x2, g2, dtype)
+        return self._grad_fft_blocks(x2, g2, dtype)
+
+    def _grad_fft_window(self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """One f-circulant: the cyclic cross-correlation ``irfft(sum_t rfft(g_t) conj(rfft(x_t)))``
+        at the window's FFT length, whose lags fold onto the coefficients (already folded when
+        that length is the circulant's own size). (1, 1, b)."""
+        size, b = self._window_fft_size(), self.block
+        m, n = self.out_features, self.in_features
+        T = x2.shape[0]
+        rows = min(T, chunk_rows(size))
+        pad_x = ZeroPadder((), size, rows, dtype, x2.device)
+        pad_g = ZeroPadder((), size, rows, dtype, x2.device)
+        acc = None
+        for s in range(0, T, rows):
+            x_f = torch.fft.rfft(pad_x(x2[s : s + rows]))
+            g_f = torch.fft.rfft(pad_g(g2[s : s + rows]))
+            part = torch.linalg.vecdot(x_f, g_f, dim=0)  # sum_t conj(X_t) G_t
+            acc = part if acc is None else acc + part
+        r = torch.fft.irfft(acc, n=size)
+        if self._own_period(size):
+            return r.reshape(1, 1, b)
+        return self._fold_lags(lags_from_correlation(r, m, n))
+
+    def _fold_lags(self, D: torch.Tensor) -> torch.Tensor:
+        """(1, 1, b) coefficient gradient of one f-circulant from the gradient of its window's
+        lags ``D`` (m+n-1; lag d = i - j at d + n - 1): lag d < 0 is coefficient d + b, times f."""
+        m, n, b = self.out_features, self.in_features, self.block
+        grad = D.new_zeros(b)
+        grad[:m] += D[n - 1 :]
+        grad[b - n + 1 :] += self.f * D[: n - 1]
+        return grad.reshape(1, 1, b)
+
+    def _grad_fft_blocks(self, x2: torch.Tensor, g2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         (p, q), b = self.grid, self.block
         size = b if self.f == 1 else 2 * b
         T = x2.shape[0]
@@ -168,15 +243,9 @@ class _FCirculant(LinearStructuredMatrix):
         pad_g = ZeroPadder((p,), size, rows, dtype, x2.device)
         acc = None
         for s in range(0, T, rows):
-            xs, gs = x2[s : s + rows], g2[s : s + rows]
-            xs = xs.reshape(-1, q, b) if q * b == xs.shape[-1] else xs.unsqueeze(1)
-            gs = gs.reshape(-1, p, b) if p * b == gs.shape[-1] else gs.unsqueeze(1)
-            x_f = torch.fft.rfft(pad_x(xs))  # (rows, q, F)
-            g_f = torch.fft.rfft(pad_g(gs))  # (rows, p, F)
-            if p == q == 1:
-                part = torch.linalg.vecdot(x_f[:, 0], g_f[:, 0], dim=0)[None, None]  # sum_t conj(X) G
-            else:
-                part = torch.einsum("tpf,tqf->pqf", g_f, x_f.conj())
+            x_f = torch.fft.rfft(pad_x(x2[s : s + rows].reshape(-1, q, b)))  # (rows, q, F)
+            g_f = torch.fft.rfft(pad_g(g2[s : s + rows].reshape(-1, p, b)))  # (rows, p, F)
+            part = torch.einsum("tpf,tqf->pqf", g_f, x_f.conj())
             acc = part if acc is None else acc + part
         if self.f == -1:
             acc = acc * negacyclic_mask(b, acc.device, dtype)
@@ -185,13 +254,8 @@ class _FCirculant(LinearStructuredMatrix):
     def _grad_from_dense(self, G: torch.Tensor) -> torch.Tensor:
         """The parameter gradient given ``G = dL/dS`` (m x n): signed wrapped-diagonal sums."""
         (p, q), b = self.grid, self.block
-        m, n = self.out_features, self.in_features
         if p == q == 1:
-            D = diagonal_sums(G)  # lag d = i - j at d + n - 1, d in [-(n-1), m-1]
-            grad = G.new_zeros(b)
-            grad[:m] += D[n - 1 :]
-            grad[b - n + 1 :] += self.f * D[: n - 1]  # lag d < 0 wraps to d + b
-            return grad.reshape(1, 1, b)
+            return self._fold_lags(diagonal_sums(G))  # lag d = i - j at d + n - 1
         D = diagonal_sums(G.reshape(p, b, q, b).permute(0, 2, 1, 3))  # (p, q, 2b-1)
         grad = D[..., b - 1 :].clone()
         grad[..., 1:] += self.f * D[..., : b - 1]

@@ -18,11 +18,14 @@ with dropout 0, both are the same function; :func:`prefer_fused` says which is f
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from ._fft import fft_dtype
 from .base import StructuredMatrix
 
 __all__ = ["fused_parallel_linear", "parallel_linear", "plain_parallel_linear", "prefer_fused"]
@@ -36,18 +39,56 @@ class _Call(nn.Module):
         self.S = S
         self.method = method
 
-    def forward(self, *args):
-        return getattr(self.S, self.method)(*args)
+    def forward(self, *args, **kwargs):
+        return getattr(self.S, self.method)(*args, **kwargs)
 
 
-def _call_with(S: StructuredMatrix, params: tuple[torch.Tensor, ...], method: str, *args):
-    """``S.<method>(*args)`` evaluated with ``params`` as S's parameters (a no-op swap when they
-    already are, the usual case)."""
+def _call_with(S: StructuredMatrix, params: tuple[torch.Tensor, ...], method: str, *args, **kwargs):
+    """``S.<method>(*args, **kwargs)`` evaluated with ``params`` as S's parameters (a no-op swap
+    when they already are, the usual case)."""
     current = S.param_tensors()
     if len(current) == len(params) and all(a is b for a, b in zip(current, params)):
-        return getattr(S, method)(*args)
+        return getattr(S, method)(*args, **kwargs)
     substitutes = {f"S.{name}": p for name, p in zip(S.param_names(), params)}
-    return torch.func.functional_call(_Call(S, method), substitutes, args)
+    return torch.func.functional_call(_Call(S, method), substitutes, args, kwargs)
+
+
+_WORKSPACES = threading.local()
+#: distinct (shape, dtype) buffers kept per thread
+_MAX_WORKSPACES = 8
+#: merged weights from this size on use the reused buffer: glibc returns allocations of 32 MiB
+#: and more to the system when they are freed, so each fresh one page-faults; smaller ones are
+#: recycled by the allocator and gain nothing from a held buffer
+_WORKSPACE_MIN_BYTES = 1 << 25
+
+
+def _workspace(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A reused CPU buffer of ``shape`` and ``dtype`` for ``W0 + scale * S``, one per thread.
+
+    The merged weight lives only inside one forward or backward call, but a fresh m x n tensor
+    costs a page fault per 4 KiB on the CPU (large allocations are returned to the system on
+    free): at 11008 x 4096 that is about as long as the merge itself. Kept per thread, at most
+    :data:`_MAX_WORKSPACES` shapes (the oldest dropped)."""
+    cache = _WORKSPACES.__dict__.setdefault("buffers", {})
+    key = (tuple(shape), dtype)
+    if key not in cache:
+        if len(cache) >= _MAX_WORKSPACES:
+            cache.pop(next(iter(cache)))
+        with torch.inference_mode(False):  # a buffer first made in inference mode could not be written later
+            cache[key] = torch.empty(shape, dtype=dtype)
+    return cache[key]
+
+
+def _merged(S: StructuredMatrix, params: tuple[torch.Tensor, ...], weight: torch.Tensor, scale: float,
+            x: torch.Tensor) -> torch.Tensor:
+    """``W0 + scale * S`` in x's dtype: for a large weight on the CPU (eager, merge dtype = x's)
+    in the thread's reused buffer, which the caller must be done with before the next merge of
+    that shape."""
+    dtype = fft_dtype(weight, *params)
+    small = weight.numel() * dtype.itemsize < _WORKSPACE_MIN_BYTES
+    if small or x.device.type != "cpu" or dtype != x.dtype or torch.compiler.is_compiling():
+        return _call_with(S, params, "merge", weight, scale).to(x.dtype)
+    return _call_with(S, params, "merge", weight, scale, out=_workspace(weight.shape, dtype))
 
 
 class FusedParallelLinear(torch.autograd.Function):
@@ -60,7 +101,7 @@ class FusedParallelLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, scale, S, *params):
-        W_eff = _call_with(S, params, "merge", weight, scale).to(x.dtype)
+        W_eff = _merged(S, params, weight, scale, x)
         y = F.linear(x, W_eff, None if bias is None else bias.to(x.dtype))
         ctx.S = S
         ctx.scale = scale
@@ -81,7 +122,7 @@ class FusedParallelLinear(torch.autograd.Function):
         x2 = x.reshape(-1, n)
         grad_x = grad_w = grad_b = None
         if need_x:
-            W_eff = _call_with(S, params, "merge", weight, scale).to(x.dtype)
+            W_eff = _merged(S, params, weight, scale, x)
             grad_x = (g2.to(x.dtype) @ W_eff).reshape(x.shape)
             del W_eff
         if need_w:
@@ -146,8 +187,10 @@ def _plain(x, weight, bias, S, scale):
 
 
 # Fitted to the crossovers measured by ``surm bench fused --policy`` (docs/fused_policy.md):
-# the fused path is preferred from k * sqrt(m * n) tokens on; training = forward + backward,
-# inference = forward only.
+# the fused path is preferred from k * min(sqrt(m * n), cap) tokens on; training = forward +
+# backward, inference = forward only. k comes from the MiniLM-size shapes (sqrt(m n) 240 to
+# 768), the cap from Llama-2-7B's FFN shapes, where the crossover no longer grows with the
+# shape (both paths' per-token work grows as fast as the O(m n) merge there).
 _TRAIN_TOKENS_PER_SQRT_MN = {
     "circulant": 0.45,
     "skew_circulant": 0.45,
@@ -166,6 +209,11 @@ _EVAL_TOKENS_PER_SQRT_MN = {
     "ldr": 0.4,
     "low_rank": 0.46,
 }
+#: sqrt(m n) above which the crossover stays at its value there (training, inference), for
+#: the families whose merge is a plain O(m n) pass (LDR's builds its columns by FFTs: uncapped)
+_TRAIN_SQRT_MN_CAP = 1024
+_EVAL_SQRT_MN_CAP = 2048
+_CAPPED = ("circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker")
 
 
 def prefer_fused(
@@ -180,17 +228,22 @@ def prefer_fused(
     Both paths do the same base matmuls. The fused one adds O(m n) work per call (building
     ``W0 + scale * S``; twice when training) and replaces the per-token structured product and
     its autograd backward by the adjoint (:meth:`StructuredMatrix.param_grads`). It wins from
-    some number of tokens on. Rule: fused iff ``tokens >= k * sqrt(m * n)``, k per family
-    (training when ``backward``, else inference; 0.5 for a family without one), fitted to the
-    crossovers that ``surm bench fused --policy --threads 1 --repeats 7`` measured on a CPU;
-    the measurements and the fit are in docs/fused_policy.md. Near the crossover both paths are
-    within about 20 %; far from it the choice matters (fused costs 1.5-10x plain at 4-16
-    tokens). On devices other than CPU the same rule is used; it was not measured there.
+    some number of tokens on. Rule: fused iff ``tokens >= k * min(sqrt(m * n), cap)``, k per
+    family (training when ``backward``, else inference; 0.5 for a family without one), cap per
+    mode (none for LDR, low-rank and the product families: ``k * sqrt(m * n)``), fitted to the
+    crossovers that ``surm bench fused --policy`` measured on a CPU at MiniLM's shapes (k) and
+    Llama-2-7B's FFN shapes (cap); the measurements and the fit are in docs/fused_policy.md.
+    Near the crossover both paths are within about 20 %; far from it the choice matters (fused
+    costs 1.5-10x plain at 4-16 tokens). On devices other than CPU the same rule is used; it
+    was not measured there.
     """
     m, n = S.shape
-    table = _TRAIN_TOKENS_PER_SQRT_MN if backward else _EVAL_TOKENS_PER_SQRT_MN
+    table, cap = (
+        (_TRAIN_TOKENS_PER_SQRT_MN, _TRAIN_SQRT_MN_CAP) if backward else (_EVAL_TOKENS_PER_SQRT_MN, _EVAL_SQRT_MN_CAP)
+    )
     k = table.get(S.name, 0.5)
-    return tokens >= k * (m * n) ** 0.5
+    size = (m * n) ** 0.5
+    return tokens >= k * (min(size, cap) if S.name in _CAPPED else size)
 
 
 def parallel_linear(

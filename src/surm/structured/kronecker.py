@@ -147,6 +147,16 @@ class Kronecker(StructuredMatrix):
             return (A[0][:, None, :, None] * B[0][None, :, None, :]).reshape(a1 * b1, a2 * b2)
         return torch.einsum("kac,kbd->abcd", A, B).reshape(a1 * b1, a2 * b2)
 
+    def _merge_into(self, out: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        """One broadcast multiply-add per term over the (a1, b1, a2, b2) view of the m x n memory."""
+        (a1, a2), (b1, b2) = self.factors
+        A, B = self.A.to(out.dtype), self.B.to(out.dtype)
+        blocks, source = out.view(a1, b1, a2, b2), weight.reshape(a1, b1, a2, b2)
+        for k in range(self.terms):
+            torch.addcmul(source, A[k][:, None, :, None], B[k][None, :, None, :], value=scale, out=blocks)
+            source = blocks
+        return out
+
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Adjoint by reshapes and small matmuls, never the Kronecker matrix: with the tokens
         ``X_t (a2 x b2)`` and ``G_t (a1 x b1)``,

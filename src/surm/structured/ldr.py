@@ -7,9 +7,12 @@ matrix uses the top-left corner (x zero-padded to N, first m outputs kept). ``G,
 circulants (r = 1, h = e_0), skew-circulants, Toeplitz matrices (r = 2) and, for growing r,
 every matrix.
 
-Product with 2r + 2 real FFTs: one of x (length 2N, shared by all r terms), r inverse
-negacyclic ones giving ``u_i = Z_-1(h_i) x``, r forward transforms of the u_i, and a single
-inverse FFT of ``sum_i rfft(g_i) * rfft(u_i)``.
+Product with 2r + 2 real FFTs: one of x (shared by all r terms), r inverse ones giving
+``u_i = Z_-1(h_i) x``, r forward transforms of the u_i, and a single inverse FFT of
+``sum_i rfft(g_i) * rfft(u_i)``. Each step is a Toeplitz window (the N x n one of the
+skew-circulant, the m x N one of the circulant) on a cyclic embedding of smooth length
+(:func:`~surm.structured._fft.lag_fft_size`), computed token chunk by token chunk with its own
+backward (x saved, 4r + 3 FFTs per token: the correlations with the output gradient).
 """
 
 from __future__ import annotations
@@ -18,10 +21,86 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from ._fft import ZeroPadder, chunk_rows, fft_cost, fft_dtype, matmul_cost, negacyclic_mask, toeplitz_from_lags
+from ._fft import (
+    ZeroPadder,
+    chunk_rows,
+    embedded_filter,
+    fft_cost,
+    fft_dtype,
+    lag_fft_size,
+    matmul_cost,
+    negacyclic_mask,
+    toeplitz_from_lags,
+)
 from .base import StructuredMatrix, as_matrix, check_positive_int, lbfgs
 from .circulant import Circulant, SkewCirculant
+
+
+class _LDRProduct(torch.autograd.Function):
+    """``y = sum_i window(C_i) window(Z_i) x`` from the first columns of the two steps' cyclic
+    embeddings: ``skew (r, L1)`` (u_i = the first N entries of skew_i (*) x, cyclic length L1)
+    and ``circ (r, L2)`` (y = the first m entries of sum_i circ_i (*) u_i, length L2).
+
+    Token chunks small enough to stay in cache, buffers reused: no zero-filled or transformed
+    copy of the whole batch. Saves x only; backward transforms it again (2r + 1 FFTs) and
+    needs 2r + 2 more: correlations with g give the filters' gradients and x's.
+    """
+
+    @staticmethod
+    def forward(ctx, x, skew, circ, N, m):
+        """x (T, n), skew (r, L1), circ (r, L2), all in the FFT dtype -> y (T, m)."""
+        ctx.save_for_backward(x, skew, circ)
+        ctx.N, ctx.m = N, m
+        y = x.new_empty(x.shape[0], m)
+        circ_f = torch.fft.rfft(circ)
+        for s, _, u_f in _LDRProduct._spectra(x, skew, circ, N):
+            y[s] = torch.fft.irfft((u_f * circ_f).sum(1), n=circ.shape[-1])[:, :m]
+        return y
+
+    @staticmethod
+    def _spectra(x, skew, circ, N):
+        """Per token chunk: (slice, rfft of x at L1 (t, F1), rfft of u at L2 (t, r, F2))."""
+        (r, L1), L2 = skew.shape, circ.shape[-1]
+        T = x.shape[0]
+        rows = min(T, chunk_rows(max(L1, L2) * r))
+        pad_x = ZeroPadder((), L1, rows, x.dtype, x.device)
+        pad_u = ZeroPadder((r,), L2, rows, x.dtype, x.device)
+        skew_f = torch.fft.rfft(skew)
+        for start in range(0, T, rows):
+            s = slice(start, start + rows)
+            x_f = torch.fft.rfft(pad_x(x[s]))
+            u = torch.fft.irfft(x_f[:, None] * skew_f, n=L1)[..., :N]  # (t, r, N)
+            yield s, x_f, torch.fft.rfft(pad_u(u))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, skew, circ = ctx.saved_tensors
+        N = ctx.N
+        (r, L1), L2 = skew.shape, circ.shape[-1]
+        n = x.shape[-1]
+        skew_conj, circ_conj = torch.fft.rfft(skew).conj(), torch.fft.rfft(circ).conj()
+        grad_y = grad_y.to(x.dtype)
+        rows = min(x.shape[0], chunk_rows(max(L1, L2) * r))
+        pad_g = ZeroPadder((), L2, rows, x.dtype, x.device)
+        pad_v = ZeroPadder((r,), L1, rows, x.dtype, x.device)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        acc_skew = acc_circ = None
+        for s, x_f, u_f in _LDRProduct._spectra(x, skew, circ, N):
+            g_f = torch.fft.rfft(pad_g(grad_y[s]))  # (t, F2)
+            part_circ = torch.linalg.vecdot(u_f, g_f[:, None], dim=0)  # (r, F2): sum_t conj(U) G
+            v = torch.fft.irfft(g_f[:, None] * circ_conj, n=L2)[..., :N]  # (t, r, N): d/du
+            v_f = torch.fft.rfft(pad_v(v))  # (t, r, F1)
+            part_skew = torch.linalg.vecdot(x_f[:, None], v_f, dim=0)  # (r, F1): sum_t conj(X) V
+            acc_circ = part_circ if acc_circ is None else acc_circ + part_circ
+            acc_skew = part_skew if acc_skew is None else acc_skew + part_skew
+            if grad_x is not None:
+                grad_x[s] = torch.fft.irfft((v_f * skew_conj).sum(1), n=L1)[:, :n]
+        grad_skew = torch.fft.irfft(acc_skew, n=L1) if ctx.needs_input_grad[1] else None
+        grad_circ = torch.fft.irfft(acc_circ, n=L2) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_skew, grad_circ, None, None
 
 
 def _f_circulant_stack(v: torch.Tensor, f: int) -> torch.Tensor:
@@ -87,13 +166,48 @@ class LDR(StructuredMatrix):
         return W[: self.out_features, : self.in_features]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._product_composed(x)
+        dtype = fft_dtype(x, self.G)
+        skew_size, circ_size = self._product_fft_sizes()
+        x2 = x.reshape(-1, self.in_features).to(dtype)
+        y = _LDRProduct.apply(x2, self._skew_filters(dtype, skew_size), self._circulant_filters(dtype, circ_size),
+                              self.size, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def _product_composed(self, x: torch.Tensor) -> torch.Tensor:
+        """The product as torch FFT ops differentiated by autograd (what torch.compile traces)."""
         N, m = self.size, self.out_features
         dtype = fft_dtype(x, self.G)
-        G, H = self.G.to(dtype), self.H.to(dtype)
-        x_f = torch.fft.rfft(x.to(dtype), n=2 * N) * negacyclic_mask(N, x.device, dtype)  # (..., N+1)
-        u = torch.fft.irfft(x_f.unsqueeze(-2) * torch.fft.rfft(H, n=2 * N), n=2 * N)[..., :N]  # (..., r, N)
-        y_f = (torch.fft.rfft(u, n=N) * torch.fft.rfft(G, n=N)).sum(-2)  # (..., N//2+1)
-        return torch.fft.irfft(y_f, n=N)[..., :m].to(x.dtype)
+        skew_size, circ_size = self._product_fft_sizes()
+        h_f = torch.fft.rfft(self._skew_filters(dtype, skew_size))  # (r, F1)
+        u = torch.fft.irfft(torch.fft.rfft(x.to(dtype), n=skew_size).unsqueeze(-2) * h_f, n=skew_size)
+        u_f = torch.fft.rfft(u[..., :N], n=circ_size)  # (..., r, F2): spectra of u_i = Z_-1(h_i) x
+        y_f = (u_f * torch.fft.rfft(self._circulant_filters(dtype, circ_size))).sum(-2)
+        return torch.fft.irfft(y_f, n=circ_size)[..., :m].to(x.dtype)
+
+    # The product's two steps as Toeplitz windows (:func:`lag_fft_size`): u_i = Z_-1(h_i) x uses the
+    # N x n window of the skew-circulant, y = sum_i C(g_i) u_i the m x N window of the circulant.
+    def _product_fft_sizes(self) -> tuple[int, int]:
+        """FFT lengths of the skew-circulant step (its embedding) and of the circulant step (N
+        itself or an embedding, whichever is cheaper)."""
+        N, m, n = self.size, self.out_features, self.in_features
+        return lag_fft_size(N, n), lag_fft_size(m, N, period=N)
+
+    def _skew_filters(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+        """(r, size): embedded first columns of the N x n windows of ``Z_-1(h_i)``: lag d >= 0 is
+        h[d], lag d < 0 is -h[d + N]."""
+        N, n = self.size, self.in_features
+        h = self.H.to(dtype)
+        return embedded_filter(torch.cat([-h[:, N - n + 1 :], h], dim=-1), N, n, size)
+
+    def _circulant_filters(self, dtype: torch.dtype, size: int) -> torch.Tensor:
+        """(r, size): first columns of ``C(g_i)`` (size N) or embedded ones of their m x N windows."""
+        N, m = self.size, self.out_features
+        g = self.G.to(dtype)
+        if size == N:
+            return g
+        return embedded_filter(torch.cat([g[:, 1:], g[:, :m]], dim=-1), m, N, size)
 
     # -- fused-layer support ------------------------------------------------------------
     def _skew_columns(self, dtype: torch.dtype) -> torch.Tensor:

@@ -64,11 +64,22 @@ class LowRank(StructuredMatrix):
     def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
         return self.B.to(dtype) @ self.A.to(dtype)
 
-    def merge(self, weight: torch.Tensor, scale: float = 1.0, *, dtype: torch.dtype | None = None) -> torch.Tensor:
-        if tuple(weight.shape) != self.shape:
-            return super().merge(weight, scale, dtype=dtype)  # raises the shape error
+    def merge(
+        self,
+        weight: torch.Tensor,
+        scale: float = 1.0,
+        *,
+        dtype: torch.dtype | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if out is not None:
+            return super().merge(weight, scale, dtype=dtype, out=out)
+        self._check_merge_shape(weight)
         dtype = dtype or fft_dtype(weight, self.A, self.B)
         return torch.addmm(weight.to(dtype), self.B.to(dtype), self.A.to(dtype), alpha=scale)
+
+    def _merge_into(self, out: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return torch.addmm(weight, self.B.to(out.dtype), self.A.to(out.dtype), alpha=scale, out=out)
 
     def param_grads(self, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Adjoint by thin matmuls: ``dA = (g B)^T x``, ``dB = g^T (x A^T)``. Returns (dA, dB)."""

@@ -83,10 +83,19 @@ class _FCirculantProduct(StructuredMatrix):
     layout = _FCirculant.layout
     dense = LinearStructuredMatrix.dense
     _product = _FCirculant._product
+    _window_fft_size = _FCirculant._window_fft_size
+    _own_period = _FCirculant._own_period
+    _window_filter = _FCirculant._window_filter
+    _window_product = _FCirculant._window_product
+    _block_product = _FCirculant._block_product
     _lags = _FCirculant._lags
     _dense_for_merge = _FCirculant._dense_for_merge
+    _merge_into = _FCirculant._merge_into
     adjoint_method = _FCirculant.adjoint_method
     _grad_fft = _FCirculant._grad_fft
+    _grad_fft_window = _FCirculant._grad_fft_window
+    _grad_fft_blocks = _FCirculant._grad_fft_blocks
+    _fold_lags = _FCirculant._fold_lags
     _grad_from_dense = _FCirculant._grad_from_dense
 
     def knobs(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ._fft import (
     ZeroPadder,
+    add_toeplitz_,
     chunk_rows,
     cyclic_conv,
     diagonal_sums,
@@ -75,6 +76,9 @@ class Toeplitz(LinearStructuredMatrix):
 
     def _dense_for_merge(self, dtype: torch.dtype) -> torch.Tensor:
         return toeplitz_from_lags(self.coefficients().to(dtype), self.out_features, self.in_features)
+
+    def _merge_into(self, out: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+        return add_toeplitz_(out, weight, self.coefficients().to(out.dtype), scale)
 
     def adjoint_method(self, tokens: int, device: torch.device | str = "cpu") -> str:
         """``"fft"`` or ``"matmul"``, the cheaper route of :meth:`param_grads` (CPU cost model
