@@ -9,7 +9,8 @@ Two ways to compute the same thing:
   backward (``dx = g W_eff``); the structured parameters get their gradient from the family's
   adjoint ``S.param_grads(x, g)`` (FFT correlations summed over tokens in the frequency domain,
   small matmuls for Kronecker, ...). Only x and the parameters are saved; W_eff is rebuilt in
-  backward (cheaper in memory than keeping an m x n matrix per layer).
+  backward (cheaper in memory than keeping an m x n matrix per layer). On the CPU a W_eff of
+  32 MiB or more is written into a buffer reused per thread and shape (:func:`_workspace`).
 
 The fused path is exact only when S sees the same input as W0: **with dropout > 0 in training
 the structured branch sees ``dropout(x)`` and the plain path must be used.** In eval mode, or
