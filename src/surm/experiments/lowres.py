@@ -146,8 +146,9 @@ def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: l
         total = sum(len(_cell(rows, f, label).seeds) for f in fractions)
         table.append([label + report.stored_mark(stored, total), report.fmt_params(first.adapter_params)]
                      + [report.fmt_pct(_cell(rows, f, label).accuracy) for f in fractions])
-    loras = [r.label for r in rows if r.method.kind == "lora" and r.spec.train_fraction == fractions[0]]
-    surms = [r.label for r in rows if r.method.kind == "surm" and r.spec.train_fraction == fractions[0]]
+    first = [r for r in rows if r.spec.train_fraction == fractions[0] and not r.label.endswith(selection.AT_DEFAULT)]
+    loras = [r.label for r in first if r.method.kind == "lora"]
+    surms = [r.label for r in first if r.method.kind == "surm"]
     for lora in loras:
         for surm in surms:
             gaps = [100 * (_cell(rows, f, surm).accuracy[0] - _cell(rows, f, lora).accuracy[0]) for f in fractions]
