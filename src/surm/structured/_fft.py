@@ -166,6 +166,24 @@ class ZeroPadder:
         return view
 
 
+def cross_correlation(x2: torch.Tensor, g2: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """The cyclic cross-correlation ``irfft(sum_t rfft(g_t) conj(rfft(x_t)), n=size)`` of the
+    rows of ``x2`` (T, n) and ``g2`` (T, m), each zero-padded to ``size`` >= max(m, n), computed
+    in ``dtype`` over token chunks (memory bounded independently of T). Returns (size,): lag k
+    holds ``sum_t sum_j g_t[(j + k) mod size] x_t[j]``."""
+    T = x2.shape[0]
+    rows = min(T, chunk_rows(size))
+    pad_x = ZeroPadder((), size, rows, dtype, x2.device)
+    pad_g = ZeroPadder((), size, rows, dtype, x2.device)
+    acc = None
+    for s in range(0, T, rows):
+        x_f = torch.fft.rfft(pad_x(x2[s : s + rows]))
+        g_f = torch.fft.rfft(pad_g(g2[s : s + rows]))
+        part = torch.linalg.vecdot(x_f, g_f, dim=0)  # sum_t conj(X_t) G_t
+        acc = part if acc is None else acc + part
+    return torch.fft.irfft(acc, n=size)
+
+
 def diagonal_sums(M: torch.Tensor) -> torch.Tensor:
     """Sums along the diagonals of ``M (..., m, n)``: out[..., d + n - 1] = sum_{i-j=d} M[..., i, j].
 

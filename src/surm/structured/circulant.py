@@ -30,6 +30,7 @@ from ._fft import (
     ZeroPadder,
     add_toeplitz_,
     chunk_rows,
+    cross_correlation,
     cyclic_conv,
     diagonal_sums,
     embedded_filter,
@@ -210,17 +211,7 @@ class _FCirculant(LinearStructuredMatrix):
         that length is the circulant's own size). (1, 1, b)."""
         size, b = self._window_fft_size(), self.block
         m, n = self.out_features, self.in_features
-        T = x2.shape[0]
-        rows = min(T, chunk_rows(size))
-        pad_x = ZeroPadder((), size, rows, dtype, x2.device)
-        pad_g = ZeroPadder((), size, rows, dtype, x2.device)
-        acc = None
-        for s in range(0, T, rows):
-            x_f = torch.fft.rfft(pad_x(x2[s : s + rows]))
-            g_f = torch.fft.rfft(pad_g(g2[s : s + rows]))
-            part = torch.linalg.vecdot(x_f, g_f, dim=0)  # sum_t conj(X_t) G_t
-            acc = part if acc is None else acc + part
-        r = torch.fft.irfft(acc, n=size)
+        r = cross_correlation(x2, g2, size, dtype)
         if self._own_period(size):
             return r.reshape(1, 1, b)
         return self._fold_lags(lags_from_correlation(r, m, n))

@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from ._fft import (
-    ZeroPadder,
     add_toeplitz_,
-    chunk_rows,
+    cross_correlation,
     cyclic_conv,
     diagonal_sums,
     fast_fft_size,
@@ -103,17 +102,7 @@ class Toeplitz(LinearStructuredMatrix):
             grad_t = diagonal_sums(g2.to(dtype).T @ x2.to(dtype))
         else:
             size = fast_fft_size(m + n - 1)
-            T = x2.shape[0]
-            rows = min(T, chunk_rows(size))
-            pad_x = ZeroPadder((), size, rows, dtype, x2.device)
-            pad_g = ZeroPadder((), size, rows, dtype, x2.device)
-            acc = None
-            for s in range(0, T, rows):
-                x_f = torch.fft.rfft(pad_x(x2[s : s + rows]))
-                g_f = torch.fft.rfft(pad_g(g2[s : s + rows]))
-                part = torch.linalg.vecdot(x_f, g_f, dim=0)  # sum_t conj(X_t) G_t
-                acc = part if acc is None else acc + part
-            r = torch.fft.irfft(acc, n=size)
+            r = cross_correlation(x2, g2, size, dtype)
             grad_t = torch.cat([r[size - n + 1 :], r[:m]])
         return (self._fold(grad_t).to(self.weight.dtype),)
 
