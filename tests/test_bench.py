@@ -77,6 +77,22 @@ def test_bench_llm_quick_measures_every_family_against_lora16(tmp_path, capsys):
     assert "x LoRA r=16" in capsys.readouterr().out
 
 
+def test_bench_layers_defaults_measure_peft_structured_methods_with_their_parameter_counts(tmp_path):
+    """The default methods include PEFT's C3A, LoKr, FourierFT, VeRA and LoRA-FIX; on the one
+    384 x 384 layer each trains what its formula says."""
+    argv = ["bench", "layers", "--quick", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "bench.json").read_text())["layers"]}
+    d, r = 384, 8
+    assert rows["lora:8"]["trainable"] == 2 * d * r
+    assert rows["lorafix:8"]["trainable"] == d * r  # B alone: A stays at its random init
+    assert rows["c3a:384"]["trainable"] == d  # one block: one circulant vector
+    assert rows["fourierft:768"]["trainable"] == 768  # one coefficient per frequency
+    assert rows["vera:192"]["trainable"] == 192 + d  # the scaling vectors lambda_d and lambda_b
+    assert 0 < rows["lokr:8"]["trainable"] < rows["lora:8"]["trainable"]
+    assert all(row["saved_bytes"] > 0 and row["median_s"] > 0 for row in rows.values())
+
+
 def test_bench_layers_runs_in_another_dtype(tmp_path):
     argv = ["bench", "layers", "--quick", "--methods", "surm:toeplitz", "--repeats", "1", "--dtype", "float64",
             "--out", str(tmp_path)]

@@ -20,15 +20,22 @@ in the same rounds. This module imports nothing, so the command line can read th
 
 #: The benchmarks, in the order ``surm bench`` runs them.
 PARTS = ("layers", "steps", "inference", "ops", "fused", "llm")
-#: The parts ``surm bench`` runs when none is named: SURM against PEFT LoRA and C3A.
+#: The parts ``surm bench`` runs when none is named: SURM against PEFT's LoRA, C3A, LoKr,
+#: FourierFT and VeRA.
 PEFT_PARTS = ("layers", "steps", "inference")
 #: The methods of the PEFT comparison (method strings of :func:`surm.methods.parse`): the
-#: floor, the references, then every SURM family with its default knobs.
+#: floor, the references, PEFT's structured and frugal methods (C3A, LoKr, FourierFT and VeRA at
+#: the settings of the text experiment, whose counts match SURM circulant's on every map) and
+#: LoRA-FIX, then every SURM family with its default knobs.
 DEFAULT_METHODS = (
     "head",
     "lora:8",
+    "lorafix:8",
     "c3a:64",
     "c3a:384",
+    "lokr:8",
+    "fourierft:768",
+    "vera:192",
     "surm:circulant",
     "surm:skew_circulant",
     "surm:toeplitz",

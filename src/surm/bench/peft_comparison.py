@@ -1,4 +1,5 @@
-"""SURM against PEFT LoRA and C3A: per layer, MiniLM training steps, merged inference.
+"""SURM against PEFT's LoRA, C3A, LoKr, FourierFT and VeRA (and LoRA-FIX): per layer, MiniLM
+training steps, merged inference.
 
 Prints one Markdown table of ratios per part and writes ``bench.json``.
 """

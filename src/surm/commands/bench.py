@@ -1,9 +1,10 @@
 """``surm bench``: speed and memory, every timing interleaved and measured in one process.
 
-``surm bench [PART ...]``: ``layers``, ``steps``, ``inference`` (SURM against PEFT LoRA and C3A,
-the default), ``ops`` (each structured product against dense), ``fused`` (the fused parallel
-layer against the plain one; ``--policy``: where fused starts to win), ``llm`` (one layer at
-SmolLM2-135M's and Llama-2-7B's shapes against LoRA r=16; ``--device``/``--dtype`` for a GPU). The benchmarks are
+``surm bench [PART ...]``: ``layers``, ``steps``, ``inference`` (SURM against PEFT's LoRA,
+C3A, LoKr, FourierFT and VeRA, the default), ``ops`` (each structured product against dense),
+``fused`` (the fused parallel layer against the plain one; ``--policy``: where fused starts to
+win), ``llm`` (one layer at SmolLM2-135M's and Llama-2-7B's shapes against LoRA r=16;
+``--device``/``--dtype`` for a GPU). The benchmarks are
 :mod:`surm.bench`; this module parses, checks and dispatches.
 """
 
@@ -19,7 +20,7 @@ from surm.outputs import default_dir
 if TYPE_CHECKING:
     from surm.methods import Method
 
-HELP = "speed and memory: SURM against LoRA and C3A, structured products, the fused layer"
+HELP = "speed and memory: SURM against PEFT's LoRA, C3A, LoKr, FourierFT and VeRA, structured products, the fused layer"
 
 DESCRIPTION = """\
 Interleaved median timings, in one process, read as ratios to references measured in the
