@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModel
 
 import surm
-from surm.models import packaged_text_model_path
+from surm.harness.models import packaged_text_model_path
 from surm.peft import SurmLayer
 from surm.peft.lora_export import convert_to_lora
 

@@ -3,7 +3,7 @@ every SURM family at its default targets (every linear map of each block, parall
 query+value, serial SURM at the Houlsby positions, and the baselines (PEFT LoRA, C3A,
 FourierFT, VeRA, LoKr, LoRA-FIX, LN tuning, BitFit, bottleneck adapters).
 
-Every row is built as training builds it, ``surm.methods.apply(model, method, TEXT)``, and
+Every row is built as training builds it, ``surm.harness.methods.apply(model, method, TEXT)``, and
 counted with ``methods.count_trainable(..., exclude_head="classifier")``: adapter (or bias,
 or norm) parameters only; the classification head, trained by every method, is left out.
 The model is built on the ``meta`` device (shapes only, no weights, no compute).
@@ -16,8 +16,11 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
-from surm import methods
-from surm.models import packaged_text_model_path
+from surm.harness import methods
+from surm.harness.models import catalog, packaged_text_model_path
+
+TEXT = catalog.CATALOG["minilm"].profile  # MiniLM's (BERT) profile
+
 
 QV = "query+value"
 ALL = "every map (6 per block)"
@@ -80,7 +83,7 @@ def base_model(device: str = "meta") -> torch.nn.Module:
 
 def count(method: str, device: str = "meta") -> int:
     """Trainable parameters of ``method`` on the packaged MiniLM, the head left out."""
-    model = methods.apply(base_model(device), method, methods.TEXT)
+    model = methods.apply(base_model(device), method, TEXT)
     return methods.count_trainable(model, exclude_head="classifier")
 
 

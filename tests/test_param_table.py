@@ -7,7 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from surm import methods
+from surm.harness import methods
+from surm.harness.models import catalog
+
+TEXT = catalog.CATALOG["minilm"].profile  # MiniLM's (BERT) profile
+
 
 _SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "param_table.py"
 

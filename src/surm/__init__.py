@@ -4,7 +4,8 @@
 surm.SurmConfig(...))`` and ``peft.PeftModel.from_pretrained`` work. It does so without
 importing PEFT or torch itself: the registration happens when PEFT is imported (at once, if it
 already is), and ``surm.SurmConfig``, ``surm.SurmModel``, ``surm.plan`` (the planner,
-:func:`surm.analysis.plan.plan`), ``surm.recommended_lr`` (:mod:`surm.peft.recommend`) and ``surm.structured`` are imported on first use. So
+:func:`surm.analysis.plan.plan`), ``surm.recommended_lr`` (:mod:`surm.peft.recommend`) and
+``surm.structured`` are imported on first use. So
 ``import surm`` (and ``surm --help``) stays instant.
 """
 

@@ -9,8 +9,8 @@ import torch
 
 from surm import experiments
 from surm.experiments import cka, lowres, nlp, report
-from surm.experiments.store import Runner, RunStore
-from surm.methods import parse
+from surm.harness.methods import parse
+from surm.harness.runs import Runner, RunStore
 
 FINETUNING = ["nlp", "lowres", "cka", "vision", "lr_sweep"]
 
@@ -53,7 +53,8 @@ def test_tables_mark_runs_from_the_store(tmp_path, store):
     fresh = nlp.run(config, tmp_path, Runner(RunStore(tmp_path / "runs"), progress=False))
     assert report.STORED not in fresh.markdown
     again = nlp.run(config, tmp_path, Runner(RunStore(tmp_path / "runs"), progress=False))
-    assert f"| head only {report.STORED} |" in again.markdown and "Read from the run store (1 of 1 runs)" in again.markdown
+    assert f"| head only {report.STORED} |" in again.markdown
+    assert "Read from the run store (1 of 1 runs)" in again.markdown
     assert again.payload["rows"][0].accuracy == fresh.payload["rows"][0].accuracy
 
 

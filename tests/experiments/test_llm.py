@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from surm import methods
 from surm.experiments import llm
-from surm.experiments.store import Runner, RunStore
+from surm.harness import methods
+from surm.harness.runs import Runner, RunStore
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def test_smoke_writes_table_curves_generations_and_merge_check(smoke):
     out, outcome = smoke
     payload = json.loads((out / "llm.json").read_text())
     rows = {r["method"]: r for r in payload["rows"]}
-    matched = llm.matched_lora_rank(llm.load_model("tiny-llama")[0], methods.parse("surm:circulant"))[0]
+    matched = llm.matched_lora_rank("tiny-llama", methods.parse("surm:circulant"))[0]
     assert list(rows) == ["base", "lora:2", "surm:circulant", f"lora:{matched}:targets=all"]
     assert rows["base"]["trainable_params"] == 0 and "merge" not in rows["base"]
     for name in ("lora:2", "surm:circulant"):
@@ -35,13 +35,17 @@ def test_smoke_writes_table_curves_generations_and_merge_check(smoke):
         assert r["seconds_per_step"] > 0 and r["peak_memory_mb"] > 0
     assert rows["surm:circulant"]["lr"] == pytest.approx(3e-2) and rows["lora:2"]["lr"] == pytest.approx(3e-3)
     assert rows["surm:circulant"]["where"] == "q k v o gate up down" and rows["lora:2"]["where"] == "q v"
+    assert not any(r.get("stored") for r in payload["rows"])  # trained now, and kept in the store
+    again = llm.run(llm.PRESETS["smoke"], out / "again", Runner(RunStore(out / "runs"), progress=False))
+    assert all(r["stored"] for r in again.payload["rows"] if r["method"] != "base")  # read back, not trained
+    assert [r["test"] for r in again.payload["rows"]] == [r["test"] for r in payload["rows"]]
     md = (out / "llm.md").read_text()
     assert md == outcome.markdown and "| SURM circulant | q k v o gate up down |" in md and "## Merge check" in md
     assert (out / "llm.png").stat().st_size > 0
 
 
 def test_matched_lora_rank_is_nearest_the_surm_count():
-    model = llm.load_model("tiny-llama")[0]
+    model = "tiny-llama"
     rank, surm_params = llm.matched_lora_rank(model, methods.parse("surm:circulant"))
     per_rank = llm.adapter_params(model, methods.parse("lora:1:targets=all"))
     assert surm_params == llm.adapter_params(model, methods.parse("surm:circulant")) > 0
@@ -57,8 +61,8 @@ def test_presets_refuse_non_adapter_methods_and_bad_sizes():
         llm.PRESETS["smoke"].replace(matched_lora="lora:8")
     with pytest.raises(ValueError, match="steps"):
         llm.PRESETS["smoke"].replace(steps=0)
-    with pytest.raises(ValueError, match="unknown model"):
-        llm.load_model("gpt2")
+    with pytest.raises(ValueError, match="model: expected one of 'smollm2', 'tiny-llama'"):
+        llm.PRESETS["smoke"].replace(model="gpt2")
 
 
 def test_quick_preset_is_the_documented_one():

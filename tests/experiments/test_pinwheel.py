@@ -8,8 +8,8 @@ import torch
 
 from surm.experiments import pinwheel as pw
 from surm.experiments import presets, report
-from surm.experiments.store import Runner
-from surm.methods import parse
+from surm.harness.methods import parse
+from surm.harness.runs import Runner
 
 QUIET = Runner(None, progress=False)
 

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from surm import methods
 from surm.experiments import plan
-from surm.experiments.runs import RunSpec, adapter_json, make_model
+from surm.harness import methods
+from surm.harness.runs import RunSpec, adapter_json, make_model
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +52,13 @@ def test_a_spec_carries_its_adapter_into_the_key(smoke_plans):
 @pytest.mark.parametrize("budget, single, expected", [("lora:1", "surm:toeplitz:targets=qv", 9_204),
                                                       ("lora:8", "surm:circulant:block_size=24:targets=qv", 73_728)])
 def test_references_sit_at_the_budgets_on_minilm(budget, single, expected):
-    from surm.commands.finetune import _skeleton
 
     assert plan.PRESETS["full"].budgets[budget] == methods.parse(single)
     spec = RunSpec(dataset="rotten_tomatoes", method=single)
     rank = int(budget.split(":")[1])
     for method, count in ((single, expected), (budget, rank * 2 * (384 + 384) * 6)):
         with torch.device("meta"):
-            model = methods.apply(_skeleton(spec), method, spec.profile)
+            model = methods.apply(spec.model_entry.skeleton(), method, spec.profile)
         assert methods.count_trainable(model, exclude_head=spec.profile.head) == count
 
 
@@ -70,7 +69,7 @@ def test_full_preset_contains_the_quick_settings():
 
 
 def test_rates_are_chosen_on_validation_per_budget_and_variant(tmp_path):
-    from surm.experiments.store import Runner, RunStore
+    from surm.harness.runs import Runner, RunStore
 
     config = plan.PRESETS["smoke"].replace(seeds=(0, 1), lr_factors=(0.5, 2.0))
     outcome = plan.run(config, tmp_path / "plan", Runner(RunStore(tmp_path / "runs"), progress=False))

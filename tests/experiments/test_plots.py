@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from surm.experiments import plots
-from surm.methods import parse
+from surm.harness.methods import parse
 
 NLP_METHODS = [parse(m) for m in (
     "full", "head", "bitfit", "lora:1", "lora:4", "lora:8", "houlsby:32", "pfeiffer:24", "surm:circulant",

@@ -11,7 +11,7 @@ import pytest
 from surm import experiments
 from surm.experiments import presets
 from surm.experiments.presets import Preset, setting
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +62,8 @@ def test_set_changes_settings_with_dataclasses_replace():
 @pytest.mark.parametrize(
     "item, message",
     [
-        ("epochz=2", "unknown setting 'epochz' in --set epochz=2; settings: seeds, epochs, methods, lr, regime, n_eval"),
+        ("epochz=2",
+         "unknown setting 'epochz' in --set epochz=2; settings: seeds, epochs, methods, lr, regime, n_eval"),
         ("name=big", "unknown setting 'name'"),
         ("seeds", "--set expects KEY=VALUE"),
         ("seeds=1", "--set seeds: expected a list of integers, got 1"),

@@ -6,8 +6,8 @@ import math
 import pytest
 
 from surm.experiments import lowres, nlp, selection, vision
-from surm.experiments.store import Runner, RunStore
-from surm.methods import parse
+from surm.harness.methods import parse
+from surm.harness.runs import Runner, RunStore
 
 EXPERIMENTS = {"nlp": nlp, "vision": vision, "lowres": lowres}
 
@@ -65,7 +65,7 @@ def test_full_presets_choose_rates_on_validation_with_the_same_grid():
 
 
 def test_a_method_that_does_not_fit_the_model_fails_before_any_run_trains(tmp_path):
-    from surm.experiments.runs import RunSpec
+    from surm.harness.runs import RunSpec
 
     store = RunStore(tmp_path / "runs")
     good = RunSpec(dataset="rotten_tomatoes", method="head", model="tiny-bert", train_fraction=0.002, n_eval=8)

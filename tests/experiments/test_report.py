@@ -6,8 +6,8 @@ import json
 import pytest
 
 from surm.experiments import report
-from surm.experiments.runs import RunRecord, RunSpec
-from surm.methods import parse
+from surm.harness.methods import parse
+from surm.harness.runs import RunRecord, RunSpec
 
 
 def _record(method: str, seed: int, accuracy: float, from_store: bool = False) -> RunRecord:
@@ -60,7 +60,13 @@ def test_formats_and_markdown_table():
 def test_write_leaves_json_and_markdown(tmp_path):
     payload = {"rows": report.aggregate(RECORDS), "runs": RECORDS, "curve": [1.0, 2.0]}
     outcome = report.write(tmp_path, "demo", payload, "# demo\n", one_line=["curve"])
-    assert outcome.files == [tmp_path / "demo.json", tmp_path / "demo.md"] and outcome.markdown == "# demo\n"
+    from surm.harness.runs import provenance
+
+    assert outcome.files == [tmp_path / "demo.json", tmp_path / "demo.md"]
+    # the report names the commit and the run code that made it, in the Markdown and the JSON
+    assert outcome.markdown.startswith("# demo\n\n<sub>Made by surm ") and provenance.code_version() in outcome.markdown
+    assert (tmp_path / "demo.md").read_text() == outcome.markdown
+    assert json.loads((tmp_path / "demo.json").read_text())["made_by"] == provenance.made_by()
     text = (tmp_path / "demo.json").read_text()
     assert ' "curve": [1.0, 2.0]' in text  # one line
     data = json.loads(text)

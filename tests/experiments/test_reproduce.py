@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from surm import outputs
 from surm.commands import reproduce
 from surm.commands.errors import UsageError
+from surm.harness import outputs
 
 
 def _args(argv):
@@ -34,7 +34,8 @@ def test_building_the_parser_imports_nothing_heavy():
     code = ("import sys, argparse; from surm.commands import reproduce; "
             "reproduce.add_parser(argparse.ArgumentParser().add_subparsers()); "
             "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_prints_the_table_and_uses_the_store_whatever_the_output_folder(tmp_path, capsys, monkeypatch):

@@ -26,5 +26,5 @@ def test_unscaled_configs_keep_the_rates_swept_for_them():
 def test_other_configs_are_refused_with_a_pointer():
     import peft
 
-    with pytest.raises(TypeError, match="surm.methods.default_lr"):
+    with pytest.raises(TypeError, match="surm.harness.methods.default_lr"):
         surm.recommended_lr(peft.LoraConfig(r=8))

@@ -223,7 +223,7 @@ def test_toeplitz_product_projection_of_any_matrix(m, n):
     """Never worse than the symmetric-Toeplitz projection (its start); repeatable (no global RNG;
     BLAS threading may still change the last bits, which L-BFGS amplifies a little); keeps M's
     dtype; ``steps=0`` is that projection."""
-    from surm.threads import torch_threads
+    from surm.harness.threads import torch_threads
 
     M = torch.randn(m, n, dtype=F64, generator=torch.Generator().manual_seed(m * 100 + n))
     with torch_threads(1):  # the same BLAS reduction order in both fits

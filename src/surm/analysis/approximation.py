@@ -23,9 +23,10 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -337,8 +338,8 @@ def run_study(
     records = {
         (t, s): Record(t, s.family, s.knob_dict, s.label, s.params, b) for t in targets for s, b in points
     }
-    from surm.progress import bar as progress_bar
-    from surm.threads import torch_threads
+    from surm.harness.progress import bar as progress_bar
+    from surm.harness.threads import torch_threads
 
     bar = progress_bar(trials * len(records), "approx", progress, unit="fit")
     try:
@@ -374,7 +375,8 @@ def format_table(records: Sequence[Record]) -> str:
     right = {3}
 
     def line(cells: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "| " + " | ".join(padded) + " |"
 
     sep = "|" + "|".join("-" * (w + 1) + (":" if i in right else "-") for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])

@@ -52,11 +52,11 @@ import torch
 from torch import nn
 
 from surm import structured
+from surm.harness.progress import bar
 from surm.peft.config import SurmConfig
 from surm.peft.layer import features, matrix_of
 from surm.peft.model import matched_targets
 from surm.peft.targets import default_targets, lora_default_targets
-from surm.progress import bar
 
 __all__ = [
     "DEFAULT_STRUCTURES",

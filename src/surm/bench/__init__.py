@@ -23,7 +23,7 @@ PARTS = ("layers", "steps", "inference", "ops", "fused", "llm")
 #: The parts ``surm bench`` runs when none is named: SURM against PEFT's LoRA, C3A, LoKr,
 #: FourierFT and VeRA.
 PEFT_PARTS = ("layers", "steps", "inference")
-#: The methods of the PEFT comparison (method strings of :func:`surm.methods.parse`): the
+#: The methods of the PEFT comparison (method strings of :func:`surm.harness.methods.parse`): the
 #: floor, the references, PEFT's structured and frugal methods (C3A, LoKr, FourierFT and VeRA at
 #: the settings of the text experiment, whose counts match SURM circulant's on every map) and
 #: LoRA-FIX, then every SURM family with its default knobs.

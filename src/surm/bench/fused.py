@@ -27,8 +27,9 @@ sequences of small ops (the chunked FFT adjoints) far more than one big matmul.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import peft
 import torch
 from torch import nn
 
-from surm import methods as surm_methods
-from surm.methods import Method
+from surm.harness import methods as surm_methods
+from surm.harness.methods import Method
+from surm.harness.models.profiles import Profile
 
 from .memory import saved_tensor_bytes
 from .timing import interleaved_medians
@@ -36,7 +38,7 @@ LLM_SHAPES = [
 ]
 
 #: Every method on the one layer of ``nn.Sequential(base)``, named "0"; no head to save.
-LAYER = surm_methods.Profile(head=None, parallel=["0"], serial=["0"], ffn_out=["0"], lora=["0"])
+LAYER = Profile(head=None, parallel=["0"], serial=["0"], ffn_out=["0"], lora=["0"])
 
 
 def _layer(method: Method, base: nn.Linear) -> nn.Module:

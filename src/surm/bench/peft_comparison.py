@@ -7,10 +7,11 @@ Prints one Markdown table of ratios per part and writes ``bench.json``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
 
 from . import DEFAULT_METHODS, LLM_METHODS, LLM_REFERENCE_METHODS, PEFT_PARTS, REFERENCE_METHODS
 from .report import machine, markdown_table, write_json
@@ -103,7 +104,7 @@ def run(
         batch = 2 if quick else 32
         lens = (8,) if quick else seq_lens
         results["steps"] = bench_training_steps(methods, seq_lens=lens, batch=batch, repeats=repeats, clock=clock)
-        print("\n## MiniLM training step (AdamW), batch %d, median; floor = head only\n" % batch)
+        print(f"\n## MiniLM training step (AdamW), batch {batch}, median; floor = head only\n")
         print(markdown_table(results["steps"], [
             ("tokens", "seq_len", ""), ("method", "method", ""), ("params", "trainable", ","),
             ("ms", "median_s_ms", ".1f"), ("x floor", "vs_floor", ".2f"),

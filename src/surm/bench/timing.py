@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 #: "wall": time.perf_counter, the latency a user sees; "cpu": time.process_time, CPU seconds
 #: of this process over all its threads, robust to other processes preempting this one on a

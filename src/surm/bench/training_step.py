@@ -5,22 +5,23 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import peft
 import torch
 
-from surm import methods as surm_methods
-from surm.methods import Method
+from surm.harness import methods as surm_methods
+from surm.harness.methods import Method
+from surm.harness.models import catalog
 
 from .memory import saved_tensor_bytes
 from .timing import interleaved_medians
 
-#: Adapters on the query and value projections (LoRA's positions; SURM's defaults for BERT),
-#: the classifier trains beside them.
-TRAINING = surm_methods.TEXT
+#: MiniLM's profile (the catalog's): the classifier trains beside the adapters.
+TRAINING = catalog.CATALOG["minilm"].profile
 #: The same positions without a head to save: merged, the model is the base architecture.
-INFERENCE = dataclasses.replace(surm_methods.TEXT, head=None)
+INFERENCE = dataclasses.replace(TRAINING, head=None)
 
 
 @contextlib.contextmanager
@@ -44,7 +45,7 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _minilm(num_labels: int = 2):
-    from surm.models import load_text_classifier
+    from surm.harness.models import load_text_classifier
 
     with quiet_transformers():
         model, _ = load_text_classifier(num_labels)

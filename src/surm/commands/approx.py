@@ -12,7 +12,7 @@ import argparse
 import time
 
 from surm.analysis import approximation_defaults as defaults
-from surm.outputs import default_dir
+from surm.harness.outputs import default_dir
 
 HELP = "approximation study: every family at matched parameter budgets (paper Fig. 1 left)"
 

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 
 from surm.bench import DEFAULT_METHODS, PARTS, PEFT_PARTS, REFERENCE_METHODS
 from surm.commands.errors import UsageError
-from surm.outputs import default_dir
+from surm.harness.outputs import default_dir
 
 if TYPE_CHECKING:
-    from surm.methods import Method
+    from surm.harness.methods import Method
 
 HELP = "speed and memory: SURM against PEFT's LoRA, C3A, LoKr, FourierFT and VeRA, structured products, the fused layer"
 
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from surm.threads import torch_threads
+    from surm.harness.threads import torch_threads
 
     parts, methods = _check(args)
     out = Path(args.output_dir)

@@ -1,27 +1,31 @@
-"""``surm finetune``: fine-tune one packaged model on one data set with one method.
+"""``surm finetune``: fine-tune one model on one data set with one method.
 
-Writes ``results.json`` (metrics, trainable parameters, wall time, peak memory, loss curve)
-and the trained weights into ``--output-dir`` (default ``outputs/finetune/<run>``): an
-``adapter/`` folder for PEFT methods, ``trainable.safetensors`` for full / head / BitFit. For a
-text model the weights' folder also holds the tokenizer and the model config with the data
-set's ``id2label`` / ``label2id``, so that it serves inference as it is.
+One route for every model: the arguments become one :class:`~surm.harness.runs.RunSpec`
+(classifier, CNN or causal LM alike), :func:`~surm.harness.runs.execute` trains it, and the
+output folder has one layout (:mod:`surm.harness.runs.saving`): ``results.json`` and the
+weights (``adapter/`` for PEFT methods, ``trainable.safetensors`` otherwise) with the tokenizer
+and, for a classifier, the labelled model config.
 
-Every input is checked before a model is loaded: the data set, the method string or
-``--adapter-config``, the model, and whether the adapter fits the model's layers (the method
-is applied to the model's skeleton on the meta device, which holds no weights).
+Every input is checked before a model is loaded: the data set (a packaged name or a user's
+file), the method string or ``--adapter-config``, the model, the sizes, and whether the adapter
+fits the model's layers (the method is applied to the model's skeleton on the meta device).
+
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) a causal LM trains in
+DistributedDataParallel over a gloo process group, each process on its share of every batch;
+rank 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
+import os
 from pathlib import Path
 
 from surm.commands.errors import UsageError
-from surm.outputs import default_dir
+from surm.harness.outputs import default_dir
 
-HELP = "fine-tune a packaged model on a packaged data set with one method (LoRA, SURM, ...)"
+HELP = "fine-tune a model on a data set (packaged or your own file) with one method (LoRA, SURM, ...)"
 
 EPILOG = """\
 methods (--method), compact strings kind[:positional][:key=value...]:
@@ -33,31 +37,40 @@ methods (--method), compact strings kind[:positional][:key=value...]:
   houlsby:R                     bottleneck adapters, width R, after attention output and FFN output
   pfeiffer:R                    bottleneck adapters after the FFN output only
   surm:STRUCTURE[:serial]       SURM, STRUCTURE one of circulant, skew_circulant, toeplitz,
-                                symmetric_toeplitz, kronecker, ldr, low_rank; parallel (LoRA
-                                positions) by default, serial = adapter positions
+                                symmetric_toeplitz, kronecker, ldr, low_rank; parallel (every
+                                linear map of each block) by default, serial = adapter positions
   knobs: :block_size=B :rank=R :terms=K :factors=((a1,a2),(b1,b2)) :alpha=A :dropout=P
-         :activation=gelu|relu|silu|tanh|identity
+         :activation=gelu|relu|silu|tanh|identity (serial) :targets=qv|all
   e.g. lora:8   surm:circulant   surm:circulant:block_size=128   surm:ldr:rank=2
        surm:toeplitz:serial   houlsby:32   pfeiffer:24
 
 adapter configs (--adapter-config FILE): a SurmConfig as JSON, either the adapter_config.json
 that save_pretrained writes (or the folder holding it) or a plain object of SurmConfig fields,
 e.g. {"structure": "circulant", "target_modules": ["query", "value"],
-"knob_pattern": {"value": {"block_size": 128}}}. The classification head is always trained
-(added to modules_to_save).
+"knob_pattern": {"value": {"block_size": 128}}}. A classifier's head is always trained (added to
+modules_to_save). The default learning rate is surm.recommended_lr of the config, on any data.
 
 data sets (--data): rotten_tomatoes, election_tweets, r8, newsgroups (text, MiniLM);
 mnist, digits (images, EfficientNet-Lite0); grimm_tales, friends (prompt -> response pairs,
 SmolLM2-135M-Instruct through its chat template, the LM head frozen; --model tiny-llama for a
-tiny random Llama; default --max-seq-length 256; adapters on Llama's q_proj ... down_proj).
+tiny random Llama; default --max-seq-length 256). Or your own data: a .csv or .jsonl file with
+the columns text,label (classification) or prompt,response or messages (a chat, for a causal
+LM), optionally a split column (train/validation/test), or a folder saved by datasets'
+save_to_disk; without a validation or test split, 10 % of train becomes each.
 
 examples:
   surm finetune --data rotten_tomatoes --method surm:circulant --train-fraction 0.2
-  surm finetune --data grimm_tales --model smollm2-135m --method surm:circulant --max-steps 24 \
+  surm finetune --data my_reviews.csv --method surm:toeplitz --num-train-epochs 3
+  surm finetune --data grimm_tales --model smollm2-135m --method surm:circulant --max-steps 24 \\
       --per-device-train-batch-size 4
+  surm finetune --data my_chats.jsonl --model tiny-llama --method lora:8 --max-steps 10
 """
 
 DEFAULT_METHOD = "surm:circulant"
+#: Tokens per example when ``--max-seq-length`` is not given, by the data's modality.
+DEFAULT_MAX_LENGTH = {"text": 64, "image": 64, "causal_lm": 256}
+#: Validation evaluations during training of a causal LM (the validation curve).
+LM_EVAL_POINTS = 4
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,7 +82,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help=HELP, description=HELP, epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_argument_group("what to train")
-    what.add_argument("--data", default="rotten_tomatoes", help="data set (default: rotten_tomatoes)")
+    what.add_argument("--data", default="rotten_tomatoes",
+                      help="a packaged data set or your own .csv / .jsonl / saved dataset (default: rotten_tomatoes)")
     adapter = what.add_mutually_exclusive_group()
     adapter.add_argument("--method", help=f"method string, see below (default: {DEFAULT_METHOD})")
     adapter.add_argument("--adapter-config", type=Path, metavar="FILE",
@@ -98,6 +112,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                      help="linear warm-up over this fraction of the steps (default: 0.06)")
     opt.add_argument("--seed", type=int, default=0, help="head init, adapter init, data order and subsample")
     opt.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    opt.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="the base model's dtype; adapters and FFTs stay float32 (default: float32)")
 
     sizes = p.add_argument_group("data sizes")
     train_size = sizes.add_mutually_exclusive_group()
@@ -123,35 +139,46 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def spec_from_args(args: argparse.Namespace):
-    """``(spec, adapter)``: the :class:`surm.experiments.runs.RunSpec` the arguments describe
-    and the PEFT config of ``--adapter-config`` (None without it). :class:`UsageError` on
+    """The :class:`~surm.harness.runs.RunSpec` the arguments describe; :class:`UsageError` on
     anything wrong, found without loading a model."""
-    from surm.experiments.runs import RunSpec
+    from surm.harness import data
+    from surm.harness.runs import RunSpec, adapter_json, steps_setting
 
     adapter = None if args.adapter_config is None else load_adapter_config(args.adapter_config)
-    method = _method_of(adapter) if adapter is not None else args.method or DEFAULT_METHOD
-    epochs, min_steps = args.num_train_epochs, args.min_steps
-    if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise UsageError(f"--max-steps must be at least 1, got {args.max_steps}")
-        if args.min_steps > args.max_steps:
-            raise UsageError(f"--min-steps {args.min_steps} exceeds --max-steps {args.max_steps}")
-        epochs, min_steps = 0.0, args.max_steps  # steps = max(ceil(0 * batches), min_steps): exactly max_steps
+    method = _label_method(adapter) if adapter is not None else args.method or DEFAULT_METHOD
+    try:
+        epochs, min_steps = steps_setting(args.num_train_epochs, args.max_steps, args.min_steps)
+        modality = data.modality(args.data)
+    except ValueError as err:
+        raise UsageError(_flag_names(err)) from None
+    if modality == data.CAUSAL_LM and args.head_learning_rate is not None:
+        raise UsageError("--head-learning-rate: causal LMs are fine-tuned without a head")
+    causal = modality == data.CAUSAL_LM
     try:
         spec = RunSpec(
             dataset=args.data, method=method, seed=args.seed, lr=args.learning_rate, epochs=epochs,
             min_steps=min_steps, batch_size=args.per_device_train_batch_size, n_train=args.max_train_samples,
             train_fraction=args.train_fraction, n_eval=args.max_eval_samples or None,
-            max_length=args.max_seq_length or 64, image_size=args.image_size, model=args.model,
-            weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, eval_splits=("validation", "test"),
-            device=args.device, head_lr=args.head_learning_rate,
+            max_length=args.max_seq_length or DEFAULT_MAX_LENGTH[modality], image_size=args.image_size,
+            model=args.model, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio,
+            eval_splits=("validation", "test"), device=args.device, head_lr=args.head_learning_rate,
+            adapter=None if adapter is None else adapter_json(adapter),
+            eval_points=LM_EVAL_POINTS if causal else 0, dtype=args.dtype,
         )
     except ValueError as err:  # data set, method string, model against data, no default learning rate
-        raise UsageError(err) from None
-    if adapter is not None:
-        adapter = _with_head(adapter, spec.profile.head)
-    check_fits(spec, adapter)
-    return spec, adapter
+        raise UsageError(_flag_names(err)) from None
+    check_fits(spec)
+    return spec
+
+
+def _flag_names(err: Exception) -> str:
+    """A run-core message in the command's words (``max_steps`` is ``--max-steps`` here)."""
+    text = str(err)
+    for field, flag in (("max_steps", "--max-steps"), ("min_steps", "--min-steps"), ("max_length", "--max-seq-length"),
+                        ("batch_size", "--per-device-train-batch-size")):
+        if text.startswith(field + " ") or f" {field} " in text:
+            text = text.replace(field, flag)
+    return text
 
 
 def load_adapter_config(path: Path):
@@ -188,46 +215,22 @@ def load_adapter_config(path: Path):
         raise UsageError(f"--adapter-config {file}: {err}") from None
 
 
-def _method_of(adapter) -> str:
-    """The method string closest to a SurmConfig: its learning-rate default and label."""
+def _label_method(adapter) -> str:
+    """The method string that labels a run of a SurmConfig (its rate comes from the config)."""
     return f"surm:{adapter.structure}" + (":serial" if adapter.placement == "serial" else "")
 
 
-def _with_head(adapter, head: str | None):
-    """``adapter`` with the classification head in ``modules_to_save`` (it is new: it must train)."""
-    if head is not None and head not in (adapter.modules_to_save or ()):
-        adapter.modules_to_save = [*(adapter.modules_to_save or ()), head]
-    return adapter
-
-
-def check_fits(spec, adapter=None) -> None:
-    """Apply the method (or ``adapter``) to the skeleton of ``spec``'s model on the meta device
-    (:func:`surm.experiments.skeleton.check_fits`): an unknown model, a knob the family lacks or
-    a block size that does not divide a layer fails here, as a :class:`UsageError`, with no
+def check_fits(spec) -> None:
+    """Apply the method (or the spec's adapter config) to the skeleton of ``spec``'s model on the
+    meta device (:func:`surm.harness.runs.skeleton.check_fits`): a knob the family lacks or a
+    block size that does not divide a layer fails here, as a :class:`UsageError`, with no
     weights loaded."""
-    from surm.experiments import skeleton
+    from surm.harness.runs import skeleton
 
     try:
-        skeleton.check_fits(spec, adapter)
+        skeleton.check_fits(spec, spec.adapter_config())
     except ValueError as err:
         raise UsageError(str(err)) from None
-
-
-def _skeleton(spec):
-    """``spec``'s model on the meta device (:func:`surm.experiments.skeleton.skeleton`); a bad
-    model is a :class:`UsageError`."""
-    from surm.experiments import skeleton
-
-    try:
-        return skeleton.skeleton(spec)
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-
-
-def _text_model_path(model: str) -> str:
-    from surm.experiments.skeleton import text_model_path
-
-    return text_model_path(model)
 
 
 # --------------------------------------------------------------------------- running
@@ -235,39 +238,34 @@ def _text_model_path(model: str) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Run ``surm finetune``; prints a summary and returns the results record (as JSON)."""
-    from surm.experiments.runs import execute
+    import torch.distributed as dist
 
-    if _is_causal_lm_data(args.data):
-        from surm.commands import finetune_lm
+    from surm.harness.runs import execute
+    from surm.harness.runs.saving import save_weights, write_results
 
-        return finetune_lm.run(args, DEFAULT_METHOD)
-
-    spec, adapter = spec_from_args(args)
-    name = None if adapter is None else _config_name(args.adapter_config)
-    out = args.output_dir or default_dir("finetune") / (spec.slug if name is None else f"{spec.slug}-{name}")
-    out.mkdir(parents=True, exist_ok=True)
-    record, model, _ = execute(spec, progress=not args.quiet, adapter=adapter)
-    result = record.to_json()
-    if adapter is not None:  # the spec knows the method string, not the config: the config tells runs apart
-        config = json.loads(json.dumps(adapter.to_dict(), default=_jsonable))
-        digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
-        result.update(label=f"{record.label} ({name})", key=f"{record.key}-{digest}", adapter_config=config)
-    if not args.no_save:
-        result["saved"] = str(save(model, spec, record.label_names, out))
-    (out / "results.json").write_text(json.dumps(result, indent=1, default=_jsonable) + "\n")
-    print(summary(result, out))
-    return result
-
-
-def _is_causal_lm_data(name: str) -> bool:
-    """Whether ``name`` is a prompt -> response data set (False for unknown names too: the
-    classifier path then says which names it knows)."""
-    from surm import data
-
+    spec = spec_from_args(args)
+    name = None if args.adapter_config is None else _config_name(args.adapter_config)
+    slug = spec.slug if name is None else f"{spec.replace(adapter=None).slug}-{name}"
+    out = args.output_dir or default_dir("finetune") / slug
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and spec.modality != "causal_lm":
+        raise UsageError("torchrun: surm finetune trains causal LMs in several processes; run classifiers in one")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
     try:
-        return data.modality(name) == data.CAUSAL_LM
-    except ValueError:
-        return False
+        record, model, _ = execute(spec, progress=not args.quiet)
+        result = {**record.to_json(), "world_size": world}
+        if spec.adapter is not None:  # the method string labels the run; the config (in the key) tells runs apart
+            result.update(label=f"{record.label} ({name})", adapter_config=json.loads(spec.adapter))
+        if world == 1 or dist.get_rank() == 0:
+            if not args.no_save:
+                result["saved"] = str(save_weights(model, spec, record.label_names, out))
+            write_results(result, out)
+            print(summary(result, out))
+        return result
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _config_name(path: Path) -> str:
@@ -279,62 +277,32 @@ def _config_name(path: Path) -> str:
     return path.parent.name if path.name == "adapter_config.json" else path.stem
 
 
-def save(model, spec, label_names: list[str], out: Path) -> Path:
-    """Save the trained weights into ``out``; returns where they are.
-
-    PEFT models: ``out/adapter`` (``save_pretrained``). Full / head / BitFit:
-    ``out/trainable.safetensors``, the tensors that trained. A text model's config, with
-    ``id2label`` / ``label2id`` from ``label_names``, and its tokenizer go beside them."""
-    import peft
-    from safetensors.torch import save_file
-
-    from surm import methods
-
-    if isinstance(model, peft.PeftModel):
-        folder = weights = out / "adapter"
-        model.save_pretrained(folder)
-        base = model.get_base_model()
-    else:
-        folder, weights = out, out / "trainable.safetensors"
-        save_file({k: v.cpu() for k, v in methods.trainable_state(model).items()}, str(weights))
-        base = model
-    if spec.modality == "text":
-        from transformers import AutoTokenizer
-
-        base.config.id2label = dict(enumerate(label_names))
-        base.config.label2id = {name: i for i, name in enumerate(label_names)}
-        base.config.save_pretrained(folder)
-        local = spec.model in ("minilm", "tiny-bert")
-        AutoTokenizer.from_pretrained(_text_model_path(spec.model), local_files_only=local).save_pretrained(folder)
-    return weights
-
-
-def _jsonable(value):
-    import numpy as np
-
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (set, frozenset)):  # SurmConfig.target_modules
-        return sorted(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def summary(record: dict, out: Path) -> str:
     """A few lines for the terminal."""
+    causal = record["num_labels"] == 0
     lr = f"{record['lr']:g}" + (f" (head {record['head_lr']:g})" if record.get("head_lr") is not None else "")
-    lines = [f"{record['label']} on {record['spec']['dataset']} ({record['sizes']['train']} training examples, "
-             f"lr {lr}, {record['train']['steps']} steps, seed {record['spec']['seed']})"]
+    procs = f", {record['world_size']} processes" if record.get("world_size", 1) > 1 else ""
+    lines = [f"{record['label']} on {record['spec']['model']} / {record['spec']['dataset']} "
+             f"({record['sizes']['train']} training examples, lr {lr}, {record['train']['steps']} steps, "
+             f"seed {record['spec']['seed']}{procs})"]
     for split in ("validation", "test"):
-        if split in record:
-            m = record[split]
+        if split not in record:
+            continue
+        m = record[split]
+        if causal:
+            lines.append(f"  {split:<10} loss {m['loss']:.4f}   perplexity {m['perplexity']:.2f}   "
+                         f"({m['n']} examples, {m['tokens']} response tokens)")
+        else:
             lines.append(f"  {split:<10} accuracy {100 * m['accuracy']:.2f} %   macro-F1 {100 * m['macro_f1']:.2f} %   "
                          f"(n={m['n']})")
-    lines.append(f"  trainable parameters {record['trainable_params']:,} "
-                 f"({record['adapter_params']:,} without the head)")
-    lines.append(f"  train time {record['train_seconds']:.1f} s, eval {record['eval_seconds']:.1f} s; peak memory "
-                 f"{record['peak_memory_mb']:.0f} MiB (+{record['peak_memory_growth_mb']:.0f} MiB while training; "
-                 f"{record['memory_measure']})")
+    if causal and record.get("curve"):
+        start = record["curve"][0]
+        lines.append(f"  before training: validation loss {start['loss']:.4f}, perplexity {start['perplexity']:.2f}")
+    lines.append(f"  trainable parameters {record['trainable_params']:,}"
+                 + ("" if causal else f" ({record['adapter_params']:,} without the head)"))
+    steps = max(1, record["train"]["steps"])
+    lines.append(f"  train time {record['train_seconds']:.1f} s ({record['train_seconds'] / steps:.2f} s/step), eval "
+                 f"{record['eval_seconds']:.1f} s; peak memory {record['peak_memory_mb']:.0f} MiB "
+                 f"(+{record['peak_memory_growth_mb']:.0f} MiB while training; {record['memory_measure']})")
     lines.append(f"  results: {out / 'results.json'}" + (f"; weights: {record['saved']}" if "saved" in record else ""))
     return "\n".join(lines)

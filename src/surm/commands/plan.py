@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from surm.commands.errors import UsageError
-from surm.outputs import default_dir
+from surm.harness.outputs import default_dir
 
 HELP = "choose a structure and knob per layer for a parameter budget, from the loss gradient"
 
@@ -102,8 +102,7 @@ def check_args(args: argparse.Namespace):
     the data set, model, budget, structures and that the targets exist in the model's skeleton."""
     from surm import structured
     from surm.analysis.plan import target_layers
-    from surm.commands.finetune import _skeleton
-    from surm.experiments.runs import RunSpec
+    from surm.harness.runs import RunSpec
 
     budget = parse_budget(args.budget)
     sizes = (("--batches", args.batches), ("--per-device-train-batch-size", args.per_device_train_batch_size))
@@ -120,11 +119,14 @@ def check_args(args: argparse.Namespace):
     try:
         spec = RunSpec(dataset=args.data, method="surm:circulant", seed=args.seed, model=args.model,
                        max_length=args.max_seq_length, image_size=args.image_size, device=args.device)
+        if spec.modality == "causal_lm":
+            raise ValueError(f"surm plan takes labelled data; {args.data} is prompt -> response pairs")
+        skeleton = spec.model_entry.skeleton()
     except ValueError as err:
         raise UsageError(err) from None
     targets = _targets(args.target_modules, spec)
     try:
-        target_layers(_skeleton(spec), targets, _exclude(targets, spec))
+        target_layers(skeleton, targets, _exclude(targets, spec))
     except (ValueError, TypeError) as err:
         raise UsageError(f"--target-modules on {spec.model}: {err}") from None
     return spec, budget, args.structures, targets
@@ -158,8 +160,8 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from surm.analysis.plan import lora_budget, make_plan
-    from surm.experiments.runs import planning_batches
-    from surm.threads import torch_threads
+    from surm.harness.runs import planning_batches
+    from surm.harness.threads import torch_threads
 
     threads = args.threads or torch.get_num_threads()
     with torch_threads(threads):

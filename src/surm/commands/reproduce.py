@@ -89,9 +89,9 @@ def configs(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Run ``surm reproduce``; prints each experiment's table and returns ``{name: Outcome}``."""
-    from surm import outputs
     from surm.experiments import presets
-    from surm.experiments.store import Runner, RunStore
+    from surm.harness import outputs
+    from surm.harness.runs import Runner, RunStore
 
     todo = configs(args)
     if args.show_preset:

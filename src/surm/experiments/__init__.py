@@ -7,7 +7,7 @@ Every experiment is a module with the same three things:
 * ``PRESETS``: its instances by name, at least ``"smoke"`` (seconds, for tests), ``"quick"``
   (minutes; what ``surm reproduce NAME`` runs) and ``"full"`` (the documented run);
 * ``run(config, out_dir, runner) -> report.Outcome``, which makes its runs through ``runner``
-  (a :class:`~surm.experiments.store.Runner`: run store, retraining, progress bars) and
+  (a :class:`~surm.harness.runs.Runner`: run store, retraining, progress bars) and
   writes ``<name>.json``, ``<name>.md`` and PNG plots into ``out_dir``.
 
 The shared parts: :mod:`.runs` (one fine-tuning run), :mod:`.store` (the run store and the

@@ -25,14 +25,12 @@ from typing import Literal
 import numpy as np
 import torch
 
-from surm.methods import Method
+from surm.harness.methods import Method
+from surm.harness.runs import Runner, RunRecord, RunSpec, delta_names, make_model
+from surm.harness.threads import torch_threads
 
 from . import nlp, plots, report
 from .presets import Preset, setting
-from surm.threads import torch_threads
-
-from .runs import RunRecord, RunSpec, delta_names, make_model
-from .store import Runner
 
 PARALLEL_FAMILIES = ("surm:circulant", "surm:skew_circulant", "surm:toeplitz", "surm:symmetric_toeplitz",
                      "surm:kronecker", "surm:ldr:rank=1")
@@ -55,7 +53,8 @@ class CkaPreset(Preset):
 PRESETS: dict[str, CkaPreset] = {
     "smoke": CkaPreset(name="smoke", source="smoke", methods=("lora:2", "surm:circulant", "surm:toeplitz")),
     "quick": CkaPreset(name="quick"),
-    "full": CkaPreset(name="full", source="every_family", methods=("lora:1", "lora:8", *PARALLEL_FAMILIES), seeds=(0, 1, 2)),
+    "full": CkaPreset(name="full", source="every_family", methods=("lora:1", "lora:8", *PARALLEL_FAMILIES),
+                      seeds=(0, 1, 2)),
 }
 
 
@@ -164,7 +163,8 @@ def tables(rows: list[dict], names: list[str], config: CkaPreset, wall: float, r
         params = report.fmt_params(r["adapter_params"]) if r["adapter_params"] is not None else "—"
         table.append([r["label"], params, acc, _fmt(r["cka_w"], 4), _fmt(r["cka_dw"], 3), _fmt(r["drift"], "e"),
                       _fmt(r["dw_norm"], 3)])
-    per_layer = [[_short_name(n)] + [f"{r['per_weight']['cka_dw'][i]:.3f}" for r in rows[1:-1]] for i, n in enumerate(names)]
+    per_layer = [[_short_name(n)] + [f"{r['per_weight']['cka_dw'][i]:.3f}" for r in rows[1:-1]]
+                 for i, n in enumerate(names)]
     sizes = records[0].sizes
     return (
         f"# CKA to full fine-tuning ({config.name} preset): {records[0].spec.model} on {config.dataset}\n\n"
@@ -188,7 +188,7 @@ def _fmt(pair, digits) -> str:
 
 def plot(rows: list[dict], names: list[str], config: CkaPreset, out_dir: Path) -> list[Path]:
     """``cka.png`` (CKA of ΔW to full fine-tuning's, weight by weight) and ``cka_drift.png``."""
-    from surm.methods import parse
+    from surm.harness.methods import parse
 
     plt = plots.pyplot()
     styles = plots.method_styles(parse(r["method"]) for r in rows[:-1])

@@ -1,12 +1,12 @@
 """SURM on a causal LM: SmolLM2-135M-Instruct fine-tuned on prompt -> response pairs.
 
-The packaged SmolLM2-135M-Instruct (:func:`surm.models.load_causal_lm`, the Q4_1 GGUF
+The packaged SmolLM2-135M-Instruct (:func:`surm.harness.models.load_causal_lm`, the Q4_1 GGUF
 dequantized to float32) learns to write Grimm tales from a title and a one-line summary
 (``grimm_tales``) or the next line of a Friends scene (``friends``), through its chat template
-(:mod:`surm.chat`: the loss is on the response tokens only). Each method is applied to a copy
-of the same base model (:data:`surm.causal_lm.LLAMA`: the LM head stays frozen) and trained with
-the loop of every experiment (:func:`surm.train.train`: AdamW, linear warm-up and decay,
-clipping at 1) at the method's default rate (:func:`surm.methods.default_lr`: LoRA 3e-3, SURM
+(:mod:`surm.harness.data.chat`: the loss is on the response tokens only). Each method is a run
+of the run core (:class:`~surm.harness.runs.RunSpec`: the catalog's Llama profile, the LM head
+frozen), trained with the loop of every experiment (AdamW, linear warm-up and decay, clipping
+at 1) at the method's default rate (:func:`surm.harness.methods.default_lr`: LoRA 3e-3, SURM
 :func:`surm.recommended_lr`, 3e-2 for the parallel width-scaled families).
 
 Methods: ``base`` (the model as it is, no training), method strings such as ``lora:8`` (PEFT
@@ -21,33 +21,24 @@ check: the logits of ``merge_and_unload()``'s plain model against the adapter mo
 absolute difference) on a held-out batch, and whether both generate the same greedy text.
 
 ``run(config, out_dir, runner)`` writes ``llm.json``, ``llm.md`` and ``llm.png`` (validation
-loss against steps). The runs are not kept in the run store (whose records are classifiers');
-``runner`` gives the progress setting.
+loss against steps). The runs are kept in the run store like every other; the base model's row
+is evaluated each time (nothing trains).
 """
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from surm import methods as surm_methods
-from surm.threads import torch_threads
+from surm.harness import methods as surm_methods
+from surm.harness.models import catalog
+from surm.harness.runs import Runner, RunSpec, load_splits, make_model
+from surm.harness.threads import torch_threads
 
 from . import plots, report
 from .presets import Preset, setting
-from .store import Runner
 
-#: The models by key: the packaged SmolLM2-135M-Instruct, or a random 2-layer Llama with a
-#: word-level tokenizer (:mod:`surm.tiny_llama`) for smoke tests.
-MODELS = {"smollm2": "smollm2-135m", "tiny-llama": "tiny-llama"}
-#: How tables and plots name the models.
-MODEL_TITLES = {"smollm2": "SmolLM2-135M-Instruct", "tiny-llama": "tiny random Llama"}
 BASE = "base"  # the method that trains nothing
 DATASETS = ("grimm_tales", "friends")
 
@@ -114,68 +105,26 @@ PRESETS: dict[str, LlmPreset] = {
 # generations); full: 10 methods x 3 seeds x 48 steps, about 3.5 h of one core (not run yet).
 
 
-# --------------------------------------------------------------------------- model and data
+# --------------------------------------------------------------------------- runs
 
 
-def load_model(key: str):
-    """``(model, tokenizer)`` of a :data:`MODELS` key, float32, eval mode."""
-    if key not in MODELS:
-        raise ValueError(f"unknown model {key!r}; models: {', '.join(MODELS)}")
-    if key == "tiny-llama":
-        from surm import tiny_llama
-
-        return tiny_llama.model(), tiny_llama.tokenizer()
-    import transformers
-
-    from surm.models import load_causal_lm
-
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
-    try:
-        return load_causal_lm(MODELS[key])
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+def spec(config: LlmPreset, method: str, seed: int) -> RunSpec:
+    """The run of ``method`` with ``seed`` under ``config`` (scored on validation and test, the
+    curve at ``eval_points`` steps, generations and the merge check on ``n_prompts`` prompts)."""
+    return RunSpec(dataset=config.dataset, method=method, seed=seed, lr=config.lr, epochs=0.0, min_steps=config.steps,
+                   batch_size=config.batch_size, n_train=config.n_train, n_eval=config.n_eval,
+                   max_length=config.max_length, model=config.model, eval_splits=("validation", "test"),
+                   eval_points=config.eval_points, eval_batch_size=config.eval_batch_size,
+                   n_generate=config.n_prompts, max_new_tokens=config.max_new_tokens)
 
 
-def load_splits(dataset: str, seed: int = 0, n_train: int | None = None, n_eval: int | None = None,
-                train_fraction: float | None = None):
-    """``surm.data.load_instructions(dataset)`` with about ``n_train`` training examples (or
-    ``train_fraction`` of them; drawn by ``seed``) and at most ``n_eval`` validation / test
-    examples (the first ones, the same for every seed)."""
-    import dataclasses
-
-    from surm import data
-
-    splits = data.load_instructions(dataset, seed=seed)
-    if train_fraction is None and n_train is not None and n_train < len(splits.train):
-        train_fraction = n_train / len(splits.train)
-    if train_fraction is not None and train_fraction < 1:
-        splits = data.load_instructions(dataset, seed=seed, train_fraction=train_fraction)
-    if n_eval is not None:
-        splits = dataclasses.replace(splits, validation=_head(splits.validation, n_eval),
-                                     test=_head(splits.test, n_eval))
-    return splits
+def adapter_params(model: str, method: surm_methods.Method) -> int:
+    """Trainable parameters of ``method`` on catalog model ``model``'s skeleton (no weights)."""
+    entry = catalog.entry(model, "causal_lm")
+    return surm_methods.count_trainable(surm_methods.apply(entry.skeleton(), method, entry.profile))
 
 
-def _head(split, n: int):
-    import dataclasses
-
-    if n >= len(split.prompts):
-        return split
-    return dataclasses.replace(split, prompts=split.prompts[:n], responses=split.responses[:n],
-                               groups=split.groups[:n], ids=split.ids[:n])
-
-
-def adapter_params(model, method: surm_methods.Method) -> int:
-    """Trainable parameters of ``method`` on ``model``'s skeleton (meta device, no weights)."""
-    from surm.causal_lm import LLAMA
-
-    with torch.device("meta"):
-        skeleton = type(model)(model.config)
-    return surm_methods.count_trainable(surm_methods.apply(skeleton, method, LLAMA))
-
-
-def matched_lora_rank(model, method: surm_methods.Method) -> tuple[int, int]:
+def matched_lora_rank(model: str, method: surm_methods.Method) -> tuple[int, int]:
     """``(rank, params)`` of the LoRA on the seven projections whose parameter count is nearest
     ``method``'s (rank at least 1), and ``method``'s own count."""
     target = adapter_params(model, method)
@@ -183,83 +132,69 @@ def matched_lora_rank(model, method: surm_methods.Method) -> tuple[int, int]:
     return max(1, round(target / per_rank)), target
 
 
-# --------------------------------------------------------------------------- running
-
-
 def run(config: LlmPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Fine-tune with every method of ``config``; writes llm.json / .md / .png into ``out_dir``."""
-    from surm import progress
-    from surm.causal_lm import InstructionBatcher, generate
-    from surm.train import TrainConfig
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with torch_threads(config.threads):
-        base, tokenizer = load_model(config.model)
-        methods = list(config.methods)
-        if config.matched_lora is not None:
-            rank, _ = matched_lora_rank(base, surm_methods.parse(config.matched_lora))
-            methods.append(f"lora:{rank}:targets=all")
-        rows: list[dict[str, Any]] = []
-        bar = progress.bar(len(methods) * len(config.seeds), "llm", disable=not runner.progress)
-        for seed in config.seeds:
-            splits = load_splits(config.dataset, seed, config.n_train, config.n_eval)
-            batcher = InstructionBatcher(tokenizer, config.max_length)
-            prompts = list(splits.test.prompts[: config.n_prompts])
-            train_config = TrainConfig(epochs=0.0, min_steps=config.steps, batch_size=config.batch_size,
-                                       eval_batch_size=config.eval_batch_size, seed=seed, progress=runner.progress)
-            for text in methods:
-                bar.set_postfix_str(f"seed {seed} {text}", refresh=False)
-                if text == BASE:
-                    before = generate(base, tokenizer, prompts, config.max_new_tokens)
-                    row = _base_row(base, batcher, splits, train_config, before)
-                else:
-                    row = _train_row(base, tokenizer, batcher, splits, train_config, text, config, prompts)
-                rows.append({"seed": seed, **row})
-                bar.update()
-        bar.close()
-    wall = time.perf_counter() - start
+    methods = [m for m in config.methods if m != BASE]
+    if config.matched_lora is not None:
+        rank, _ = matched_lora_rank(config.model, surm_methods.parse(config.matched_lora))
+        methods.append(f"lora:{rank}:targets=all")
+    specs = [spec(config, m, seed) for seed in config.seeds for m in methods]
+    records, wall = runner.run_all(specs, "llm", config.threads)
+    by_key = {r.spec.key: r for r in records}
+    rows: list[dict[str, Any]] = []
+    prompts: list[str] = []
+    for seed in config.seeds:
+        if BASE in config.methods:
+            base_row, prompts = _base_row(config, seed, runner.progress)
+            rows.append({"seed": seed, **base_row})
+        rows += [{"seed": seed, **_row(by_key[spec(config, m, seed).key])} for m in methods]
     settings = {k: v for k, v in config.to_dict().items() if k != "name"}
     payload = {"experiment": "llm", "preset": config.name, "config": settings, "wall_seconds": wall,
-               "prompts": prompts, "rows": rows}
+               "prompts": prompts or _prompts(config), "rows": rows}
     first = [r for r in rows if r["seed"] == config.seeds[0]]
     figure = plot_curves(first, out_dir / "llm.png",
-                         f"{MODEL_TITLES[config.model]} on {config.dataset}: validation loss"
+                         f"{_title(config.model)} on {config.dataset}: validation loss"
                          + (f" (seed {config.seeds[0]})" if len(config.seeds) > 1 else ""))
     return report.write(out_dir, "llm", payload, markdown(payload), [figure])
 
 
-def _base_row(model, batcher, splits, train_config, generations) -> dict[str, Any]:
-    from surm.causal_lm import evaluate_lm
+def _prompts(config: LlmPreset) -> list[str]:
+    return list(load_splits(spec(config, "lora:1", config.seeds[0])).test.prompts[: config.n_prompts])
 
-    metrics = {name: evaluate_lm(model, batcher, getattr(splits, name), train_config.eval_batch_size)
-               for name in ("validation", "test")}
+
+def _base_row(config: LlmPreset, seed: int, progress: bool) -> tuple[dict[str, Any], list[str]]:
+    """The base model as it is (nothing trained): held-out metrics and generations."""
+    from surm.harness.training.causal_lm import evaluate_lm, generate
+
+    run = spec(config, "lora:1", seed)
+    splits = load_splits(run)
+    model, batcher = make_model(run)
+    prompts = list(splits.test.prompts[: config.n_prompts])
+    with torch_threads(config.threads):
+        metrics = {name: evaluate_lm(model, batcher, getattr(splits, name), run.effective_eval_batch_size)
+                   for name in ("validation", "test")}
+        generations = generate(model, batcher.tokenizer, prompts, config.max_new_tokens)
     curve = [{"step": 0, "loss": metrics["validation"]["loss"], "perplexity": metrics["validation"]["perplexity"]}]
-    return {"method": BASE, "label": "base model (no training)", "where": "-", "lr": None, "trainable_params": 0,
-            **metrics, "curve": curve, "generations": generations}
+    row = {"method": BASE, "label": "base model (no training)", "where": "-", "lr": None, "trainable_params": 0,
+           **metrics, "curve": curve, "generations": generations}
+    return row, prompts
 
 
-def _train_row(base, tokenizer, batcher, splits, train_config, text, config, prompts) -> dict[str, Any]:
-    from surm.causal_lm import LLAMA, finetune_lm
-
-    method = _adapter_method(text)
-    lr = config.lr if config.lr is not None else surm_methods.default_lr(method, LLAMA)
-    torch.manual_seed(train_config.seed)  # the adapters' random factors
-    model = surm_methods.apply(copy.deepcopy(base), method, LLAMA)
-    trainable = surm_methods.count_trainable(model)
-    result = finetune_lm(model, batcher, splits, _with_lr(train_config, lr), eval_points=config.eval_points)
-    if not all(math.isfinite(point["loss"]) for point in result["curve"]):
-        result["diverged"] = True
-    merge = merge_check(model, tokenizer, batcher, splits.test, prompts, config.max_new_tokens)
-    return {"method": method.name, "label": method.label, "where": where(method), "lr": lr,
-            "trainable_params": trainable, **result, "merge": merge,
-            "generations": merge.pop("generations")}
-
-
-def _with_lr(config, lr: float):
-    import dataclasses
-
-    return dataclasses.replace(config, lr=lr)
+def _row(record) -> dict[str, Any]:
+    """A table row of a trained run."""
+    row = {"method": record.method.name, "label": record.label, "where": where(record.method), "lr": record.lr,
+           "trainable_params": record.trainable_params, "validation": record.validation, "test": record.test,
+           "curve": record.curve, "steps": record.train["steps"], "train_seconds": record.train_seconds,
+           "seconds_per_step": record.seconds_per_step,
+           "cpu_seconds_per_step": record.train_cpu_seconds / max(1, record.train["steps"]),
+           "peak_memory_mb": record.peak_memory_mb, "peak_memory_growth_mb": record.peak_memory_growth_mb,
+           "generations": record.checks.get("generations", []), "stored": record.from_store}
+    if "merge" in record.checks:
+        row["merge"] = record.checks["merge"]
+    if record.diverged:
+        row["diverged"] = True
+    return row
 
 
 def where(method: surm_methods.Method) -> str:
@@ -270,29 +205,6 @@ def where(method: surm_methods.Method) -> str:
     if targets == "all" or (method.kind == "surm" and targets is None):
         return "q k v o gate up down"
     return "q v"
-
-
-def merge_check(model, tokenizer, batcher, split, prompts, max_new_tokens: int) -> dict[str, Any]:
-    """Merge a copy of the adapter model (``merge_and_unload``) and compare: the max absolute
-    difference of the logits on the first evaluation batch of ``split`` (and the largest logit
-    for scale), and the greedy generations of both. Returns ``{"max_abs_logit_diff",
-    "max_abs_logit", "same_generations", "generations"}`` (``generations``: the merged model's)."""
-    from surm.causal_lm import generate
-
-    merged = copy.deepcopy(model).merge_and_unload()
-    rows = batcher.eval_batches(split, 4)[0]
-    inputs, _ = next(batcher.batches(split, [rows]))
-    inputs = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
-    model.eval()
-    with torch.no_grad():
-        adapter_logits, merged_logits = model(**inputs).logits, merged.eval()(**inputs).logits
-    mask = inputs["attention_mask"].bool()
-    diff = (adapter_logits - merged_logits)[mask].abs().max().item()
-    unmerged_texts = generate(model, tokenizer, prompts, max_new_tokens)
-    merged_texts = generate(merged, tokenizer, prompts, max_new_tokens)
-    return {"max_abs_logit_diff": diff, "max_abs_logit": adapter_logits[mask].abs().max().item(),
-            "same_generations": unmerged_texts == merged_texts, "generations": merged_texts,
-            "merged_type": type(merged).__name__}
 
 
 # --------------------------------------------------------------------------- outputs
@@ -308,7 +220,8 @@ def markdown(payload: dict[str, Any]) -> str:
     for r in rows:
         trained = r["method"] != BASE
         table.append([
-            r["label"], *([r.get("seed", 0)] if len(seeds) > 1 else []), r["where"], f"{r['trainable_params']:,}", f"{r['lr']:g}" if trained else "-",
+            r["label"], *([r.get("seed", 0)] if len(seeds) > 1 else []), r["where"], f"{r['trainable_params']:,}",
+            f"{r['lr']:g}" if trained else "-",
             f"{r['validation']['loss']:.3f}", f"{r['validation']['perplexity']:.2f}",
             f"{r['test']['loss']:.3f}", f"{r['test']['perplexity']:.2f}",
             _seconds(r["seconds_per_step"]) if trained else "-",
@@ -317,7 +230,7 @@ def markdown(payload: dict[str, Any]) -> str:
         ])
     first = rows[0]
     lines = [
-        f"# {MODEL_TITLES.get(config['model'], config['model'])} on {config['dataset']} ({payload['preset']} preset)",
+        f"# {_title(config['model'])} on {config['dataset']} ({payload['preset']} preset)",
         "",
         f"{config['steps']} steps of {config['batch_size']} examples, max_length {config['max_length']}, each "
         f"method at its default learning rate; validation {first['validation']['n']} examples "
@@ -357,6 +270,13 @@ def markdown(payload: dict[str, Any]) -> str:
             lines += [f"- *{r['label']}*: {r['generations'][i]!r}"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _title(model: str) -> str:
+    try:
+        return catalog.entry(model, "causal_lm").title
+    except ValueError:
+        return model
 
 
 def _seconds(value: float) -> str:

@@ -22,13 +22,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from surm import data as surm_data
-from surm.methods import Method, parse
+from surm.harness import data as surm_data
+from surm.harness.methods import Method, parse
+from surm.harness.runs import Runner, RunRecord, RunSpec
 
 from . import nlp, plots, report, selection
 from .presets import Preset, lr_for, setting
-from .runs import RunRecord, RunSpec
-from .store import Runner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +137,8 @@ def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: l
     the chosen rates and the grids."""
     fractions = config.fractions
     labels = list(dict.fromkeys(r.label for r in rows))
-    header = ["method", "params (no head)"] + [f"{100 * f:g} % ({_cell(rows, f, labels[0]).n_train})" for f in fractions]
+    header = ["method", "params (no head)"] + [f"{100 * f:g} % ({_cell(rows, f, labels[0]).n_train})"
+                                               for f in fractions]
     table = []
     for label in labels:
         first = _cell(rows, fractions[0], label)
@@ -164,7 +164,8 @@ def tables(rows: list[report.Row], config: LowresPreset, wall: float, records: l
                                                                            _cell(rows, f, label).head_lr)
                                                               for f in fractions]
                  for label in labels if not label.endswith(selection.AT_DEFAULT)]
-        grids = ("\nChosen learning rates:\n\n" + report.markdown_table(["method", *[f"{100 * f:g} %" for f in fractions]],
+        columns = ["method", *[f"{100 * f:g} %" for f in fractions]]
+        grids = ("\nChosen learning rates:\n\n" + report.markdown_table(columns,
                                                                        rates)
                  + "".join(f"\n### {100 * f:g} %\n" + selection.grid_table(chosen, f, config.seeds[0])
                            for f in fractions))

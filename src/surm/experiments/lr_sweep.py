@@ -1,4 +1,4 @@
-"""The learning-rate sweep behind :data:`surm.methods.DEFAULT_LR` (recorded in docs/lr_sweep.md).
+"""The learning-rate sweep behind :data:`surm.harness.methods.DEFAULT_LR` (recorded in docs/lr_sweep.md).
 
 Each method is trained at a few learning rates on a data subset and scored on the
 *validation* split (never test), with seed 100 (the reported runs use seeds 0-2). Text
@@ -15,13 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
+from surm.harness.runs import Runner, RunRecord, RunSpec
 from surm.peft.recommend import WIDTH_SCALED_LR, WIDTH_SCALED_SERIAL_LR
 
 from . import plots, report
 from .presets import Preset, setting
-from .runs import RunRecord, RunSpec
-from .store import Runner
 
 #: A coarse grid (factors of about 3), refined around the best values of a first pass: with
 #: 64 steps the useful window is narrow, with majority-class plateaus below it and collapses

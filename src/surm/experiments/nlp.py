@@ -25,15 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
+from surm.harness.models import catalog
+from surm.harness.runs import Runner, RunRecord, RunSpec
 
 from . import plots, report, selection
 from .presets import Preset, lr_for, setting
-from .runs import RunRecord, RunSpec
-from .store import Runner
 
 DATASET_NAMES = {"rotten_tomatoes": "Rotten Tomatoes", "election_tweets": "election tweets", "r8": "R8"}
-MODEL_NAMES = {"minilm": "MiniLM", "tiny-bert": "A tiny random BERT"}
 
 ALL_METHODS = (
     "full", "head", "bitfit", "lora:1", "lora:4", "lora:8", "houlsby:32", "pfeiffer:24",
@@ -109,7 +108,8 @@ PRESETS: dict[str, NlpPreset] = {
         lr_factors=FAIR_FACTORS, at_default=FAIR_DEFAULTS,
     ),
     "epochs3": NlpPreset(
-        name="epochs3", methods={"rotten_tomatoes": ("lora:8", "lora:1:targets=all", "surm:circulant", "surm:toeplitz")},
+        name="epochs3",
+        methods={"rotten_tomatoes": ("lora:8", "lora:1:targets=all", "surm:circulant", "surm:toeplitz")},
         seeds=(0, 1, 2), train_fraction={"rotten_tomatoes": 0.2}, epochs=3.0,
         lr_factors=FAIR_FACTORS, at_default=FAIR_DEFAULTS,
     ),
@@ -138,7 +138,7 @@ def specs(config: NlpPreset) -> list[RunSpec]:
         base = base_spec(config, dataset)
         for method in methods:
             save = (method.kind in DELTA_KINDS and method.placement == "parallel" and dataset == "rotten_tomatoes"
-                    and config.model != "tiny-bert")
+                    and catalog.entry(config.model, "text").pretrained)
             out += [base.replace(method=method, seed=seed, lr=lr_for(config.lr, method), save_deltas=save)
                     for seed in config.seeds]
     return out
@@ -161,7 +161,7 @@ def run(config: NlpPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     panels = {_panel_title(rows, d): [r for r in rows if r.dataset == d] for d in config.methods}
     figures = [plots.accuracy_vs_params(
         panels, out_dir / "nlp.png",
-        title=f"{MODEL_NAMES.get(config.model, config.model)} fine-tuned for text classification ({config.name} preset): "
+        title=f"{catalog.entry(config.model, 'text').title} fine-tuned for text classification ({config.name} preset): "
               f"test accuracy against trainable parameters")]
     if "r8" in config.methods:
         figures.append(plots.accuracy_vs_params(
@@ -219,10 +219,12 @@ def tables(rows: list[report.Row], config: NlpPreset, wall: float, records: list
         if chosen is not None:
             lines.append(selection.grid_table(chosen, dataset, config.seeds[0]))
     lines.append(
-        f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the classification head, which every method "
+        f"\nTest accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters exclude the "
+        f"classification head, which every method "
         f"trains{_head_note(records)}. {len(records)} runs; wall time {report.fmt_duration(wall)} "
         f"(sum of the runs' own times {report.fmt_duration(sum(r.seconds for r in records))}; the wall time is "
-        f"less when runs came from the store). Max sequence length 64, batch {config.batch_size}, {config.epochs:g} epoch(s), AdamW, "
+        f"less when runs came from the store). Max sequence length 64, batch {config.batch_size}, "
+        f"{config.epochs:g} epoch(s), AdamW, "
         f"linear schedule with 6 % warm-up, weight decay 0.01.\n"
     )
     lines.append(report.stored_note(records))

@@ -29,7 +29,7 @@ Regimes (what the frozen base network is):
   layers are trained as well. Shows that with trainable neighbours the adapted layer's
   capacity hardly matters on this task.
 
-Methods are strings of :func:`surm.methods.parse` applied to the one layer: ``head`` (no
+Methods are strings of :func:`surm.harness.methods.parse` applied to the one layer: ``head`` (no
 update: in this MLP nothing trains, or in regime ``others_trainable`` only the neighbours),
 ``full`` (the layer's weight trains), ``lora:R:alpha=A`` (PEFT's LoRA) and
 ``surm:STRUCTURE[:knobs]`` (parallel SURM, alpha 1).
@@ -43,27 +43,29 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from surm import methods as surm_methods
-from surm import progress
-from surm.threads import torch_threads
-from surm.methods import Method, parse
+from surm.harness import methods as surm_methods
+from surm.harness import progress
+from surm.harness.methods import Method, parse
+from surm.harness.models.profiles import Profile
+from surm.harness.runs import Runner
+from surm.harness.threads import torch_threads
 
 from . import plots, report
 from .presets import Preset, setting
-from .store import Runner
 
 CLASSES = 5
 LAYER = "hidden"  # the adapted layer's module name in PinwheelMLP
 REGIMES = ("random", "pretrained", "others_trainable")
 #: Where LoRA and SURM go: the hidden layer; the MLP has no head that every method trains.
-PROFILE = surm_methods.Profile(head=None, parallel=[LAYER], lora=[LAYER])
+PROFILE = Profile(head=None, parallel=[LAYER], lora=[LAYER])
 KINDS = ("head", "full", "lora", "surm")
 
 #: the methods, in table order; LoRA's alpha equals its rank (scale 1), SURM's alpha is 1
@@ -332,7 +334,8 @@ def run(config: PinwheelPreset, out_dir: Path, runner: Runner) -> report.Outcome
             "runs": [_round(row) for row in stack.tolist()],
         }
     settings = {k: v for k, v in config.to_dict().items() if k not in ("name", "plot")}
-    payload = {"experiment": "pinwheel", "preset": config.name, "config": settings, "versions": _versions(), "summary": summary,
+    payload = {"experiment": "pinwheel", "preset": config.name, "config": settings, "versions": _versions(),
+               "summary": summary,
                "steps": steps_logged, "curves": curves}
     figures = []
     if config.plot:
@@ -398,7 +401,8 @@ def tables(summary: dict[str, Any]) -> str:
         "",
         f"MLP 2-{s['width']}-{s['width']}-5 ({s['activation']}), {s['n_train']} training points, full-batch Adam, "
         f"{s['steps']} steps, seeds {s['seeds']}; the hidden {s['width']}x{s['width']} layer is frozen and only "
-        f"the update on it trains{' (input and output layers train too)' if s['regime'] == 'others_trainable' else ''}. "
+        f"the update on it trains"
+        f"{' (input and output layers train too)' if s['regime'] == 'others_trainable' else ''}. "
         f"Mean ± std over seeds. Wall time {s['wall_time_s']:.0f} s.",
         "",
     ]
@@ -435,7 +439,8 @@ def plot(path: Path, x, y, steps, curves, summary, kept: dict[Method, nn.Module]
         m = summary["methods"][method]
         mean, std = torch.tensor(c["mean"]), torch.tensor(c["std"])
         color = styles[parse(method)]["color"]
-        ax.plot(steps, mean, color=color, lw=1.5, label=f"{m['label']} ({m['adapted_params']} p): {m['final_loss_mean']:.3f}")
+        legend = f"{m['label']} ({m['adapted_params']} p): {m['final_loss_mean']:.3f}"
+        ax.plot(steps, mean, color=color, lw=1.5, label=legend)
         ax.fill_between(steps, (mean - std).clamp_min(1e-6), mean + std, color=color, alpha=0.2, lw=0)
     ax.set_yscale("log")
     lowest = min(min(c["mean"]) for c in curves.values())

@@ -17,7 +17,7 @@ For each data set, seed and budget (the parameters of LoRA r=1 and r=8 on query 
 Learning rates: with ``lr_factors`` (the ``full`` preset) each variant's rate is chosen on
 validation, per data set and budget, from the same-size grid around its default (the first
 seed's runs; the other seeds train at the chosen rate, each with its own plan), as in the other
-experiments; without, the methods' defaults (:func:`surm.methods.default_lr`), and a planned
+experiments; without, the methods' defaults (:func:`surm.harness.methods.default_lr`), and a planned
 config trains at ``surm.recommended_lr``'s parallel rate whatever families it mixes. The
 planner's wall time (gradients, projections, knapsack; the model's loading apart) is recorded
 for each plan.
@@ -36,21 +36,20 @@ against trainable parameters, one panel per data set).
 
 from __future__ import annotations
 
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
+from surm.harness.models import catalog
+from surm.harness.runs import Runner, RunRecord, RunSpec, adapter_json, planning_batches
+from surm.harness.threads import torch_threads
 from surm.peft.recommend import WIDTH_SCALED_LR
-from surm.threads import torch_threads
 
 from . import nlp, plots, report, selection
 from .presets import Preset, lr_for, setting
-from .runs import RunRecord, RunSpec, adapter_json, planning_batches
-from .store import Runner
 
 #: The families of ``planned, structured only``.
 STRUCTURED = ("circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker")
@@ -134,8 +133,8 @@ def make_plans(config: PlanPreset, progress: bool = False) -> list[Planned]:
     """Every plan: per data set and seed one model and set of batches, then each budget and
     variant of :data:`PLANNED` (each plan recomputes the gradients: its time is a user's);
     ``progress``: a line per plan on stderr (off a terminal)."""
-    from surm import progress as shown
     from surm.analysis.plan import make_plan
+    from surm.harness import progress as shown
 
     out = []
     with torch_threads(config.threads):
@@ -289,30 +288,22 @@ class Grid:
 def choose_rates(config: PlanPreset, runs: list[tuple[str, str, RunSpec]], runner: Runner
                  ) -> tuple[list[tuple[str, str, RunSpec]], list[RunRecord], float, list[Grid]]:
     """Each (data set, budget, variant)'s rate chosen on validation over its grid with the first
-    seed (ties: the rate nearest the default); then every seed at the chosen rate, each with its
-    own plan. Returns the final runs, their records, the wall time and the grids."""
-    first = config.seeds[0]
-    sweep = [(budget, variant, spec.replace(lr=lr)) for budget, variant, spec in runs if spec.seed == first
-             for lr in selection.grid(spec.effective_lr, config.lr_factors)]
-    sweep_records, wall_sweep = runner.run_all([spec for *_, spec in sweep], "plan lr grid", config.threads)
-    defaults = {(spec.dataset, budget, variant): spec.effective_lr for budget, variant, spec in runs}
-    tried: dict[tuple[str, str, str], list[RunRecord]] = {}
-    for (budget, variant, spec), record in zip(sweep, sweep_records):
-        tried.setdefault((spec.dataset, budget, variant), []).append(record)
+    seed (:func:`.selection.choose`); then every seed at the chosen rate, each with its own plan.
+    Returns the final runs, their records, the wall time and the grids."""
+    settings: dict[tuple, list[RunSpec]] = {}
+    for budget, variant, spec in runs:
+        settings.setdefault((spec.dataset, budget, variant), []).append(spec)
+    chosen = selection.choose(runner, settings, config.lr_factors, "plan", config.threads)
     grids = []
-    for (dataset, budget, variant), records in tried.items():
-        default = defaults[(dataset, budget, variant)]
-        best = max(records, key=lambda r: (r.validation["accuracy"], -abs(math.log(r.lr / default))))
-        records = sorted(records, key=lambda r: r.lr)
+    for (dataset, budget, variant), lr in chosen.chosen.items():
+        records = chosen.grid_runs((dataset, budget, variant))
         grids.append(Grid(dataset=dataset, budget=budget, variant=variant,
-                          label=variant if variant in PLANNED else records[0].label, default=default,
-                          rates=[r.lr for r in records], validation_accuracy=[r.validation["accuracy"] for r in records],
-                          chosen=best.lr))
-    chosen = {(g.dataset, g.budget, g.variant): g.chosen for g in grids}
-    final = [(budget, variant, spec.replace(lr=chosen[(spec.dataset, budget, variant)]))
+                          label=variant if variant in PLANNED else records[0].label,
+                          default=chosen.defaults[(dataset, budget, variant)], rates=[r.lr for r in records],
+                          validation_accuracy=[r.validation["accuracy"] for r in records], chosen=lr))
+    final = [(budget, variant, spec.replace(lr=chosen.chosen[(spec.dataset, budget, variant)]))
              for budget, variant, spec in runs]
-    records, wall_final = runner.run_all([spec for *_, spec in final], "plan seeds", config.threads)
-    return final, records, wall_sweep + wall_final, grids
+    return final, chosen.final, chosen.wall_seconds, grids
 
 
 def tables(rows: list[Entry], config: PlanPreset, plans: list[Planned], plan_wall: float, wall: float,
@@ -342,12 +333,12 @@ def tables(rows: list[Entry], config: PlanPreset, plans: list[Planned], plan_wal
             lines.append(report.markdown_table(header, table, "lrrrrlrr"))
             mine = [g for g in grids if (g.dataset, g.budget) == (dataset, budget)]
             if mine:
-                lines.append(f"\nValidation accuracy (%) over each variant's learning-rate grid, seed {config.seeds[0]} "
-                             f"(the chosen rate in bold):\n\n" + report.markdown_table(
-                                 ["method", "default lr", *[f"× {f:.3g}" for f in config.lr_factors]],
-                                 [[g.label, f"{g.default:g}", *[(f"**{100 * a:.1f}**" if lr == g.chosen else f"{100 * a:.1f}")
-                                                                for lr, a in zip(g.rates, g.validation_accuracy)]]
-                                  for g in mine]))
+                grid_rows = [[g.label, f"{g.default:g}",
+                              *[(f"**{100 * a:.1f}**" if lr == g.chosen else f"{100 * a:.1f}")
+                                for lr, a in zip(g.rates, g.validation_accuracy)]] for g in mine]
+                lines.append(f"\nValidation accuracy (%) over each variant's learning-rate grid, seed "
+                             f"{config.seeds[0]} (the chosen rate in bold):\n\n" + report.markdown_table(
+                                 ["method", "default lr", *[f"× {f:.3g}" for f in config.lr_factors]], grid_rows))
     totals = [p.seconds["total"] for p in plans]
     lines.append(
         f"\nTest and validation accuracy: mean ± sample std over seeds (the mean alone for one seed). Parameters "
@@ -389,7 +380,7 @@ def plot(rows: list[Entry], config: PlanPreset, path: Path) -> Path:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{nlp.DATASET_NAMES.get(dataset, dataset)} ({drows[0].n_train:,} training examples)")
         ax.grid(alpha=0.3)
-    model = nlp.MODEL_NAMES.get(config.model, config.model)
+    model = catalog.entry(config.model, "text").title
     fig.suptitle(f"{model}: planned adapters against single families and LoRA at the budgets "
                  f"{', '.join(config.budgets)} ({config.name} preset)")
     fig.tight_layout()

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from surm.methods import Method
+from surm.harness.methods import Method
 
 __all__ = ["accuracy_vs_params", "count", "dodge", "log_axis", "method_styles", "pyplot", "save"]
 

@@ -13,7 +13,7 @@ written with :func:`setting` (a default and a help line), and names instances ``
 
 Every value is coerced to its field's type when an instance is made (lists become tuples, an
 integer becomes a float where a float is expected, a method string becomes a
-:class:`surm.methods.Method`), so a preset written in code, one changed with
+:class:`surm.harness.methods.Method`), so a preset written in code, one changed with
 :meth:`Preset.replace` and one changed with ``--set key=value`` on the command line are checked
 by the same code, and a bad value is refused with the field's name, the expected type and
 what came.
@@ -164,7 +164,7 @@ def _coerce(value: Any, hint: Any) -> Any:
 
 
 def _coerce_scalar(value: Any, hint: Any) -> Any:
-    from surm import methods
+    from surm.harness import methods
 
     if hint is type(None):
         if value is None:
@@ -191,7 +191,7 @@ def _coerce_scalar(value: Any, hint: Any) -> Any:
 
 def _name(hint: Any) -> str:
     """A type in words: ``a list of method strings``, ``a number or None``."""
-    from surm import methods
+    from surm.harness import methods
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, types.UnionType):
@@ -225,7 +225,7 @@ def _plural(words: str) -> str:
 
 
 def _plain(value: Any) -> Any:
-    from surm import methods
+    from surm.harness import methods
 
     if isinstance(value, methods.Method):
         return value.name

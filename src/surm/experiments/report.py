@@ -1,6 +1,6 @@
 """Summaries of runs: means over seeds, Markdown tables, number formats and the written outputs.
 
-:func:`aggregate` groups :class:`~surm.experiments.runs.RunRecord` s into :class:`Row` s (one
+:func:`aggregate` groups :class:`~surm.harness.runs.RunRecord` s into :class:`Row` s (one
 per method and data set, say) with mean and sample standard deviation over seeds; the
 ``fmt_*`` functions format numbers the same way in every table; :func:`write` leaves an
 experiment's ``<name>.json`` and ``<name>.md`` and returns its :class:`Outcome`.
@@ -20,9 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from surm.methods import Method
-
-from .runs import RunRecord, RunSpec
+from surm.harness.methods import Method
+from surm.harness.runs import RunRecord, RunSpec
 
 __all__ = [
     "STORED",
@@ -191,8 +190,14 @@ class Outcome:
 def write(out_dir: Path, name: str, payload: dict[str, Any], markdown: str, figures: Sequence[Path] = (),
           one_line: Collection[str] = ()) -> Outcome:
     """Write ``<name>.json`` and ``<name>.md`` into ``out_dir``; the outcome lists them and
-    ``figures``. The top-level keys in ``one_line`` (long series of numbers) are written on
-    one line each, the rest indented."""
+    ``figures``. Both name what made them (:func:`surm.harness.runs.provenance.made_by`: the surm
+    version, the commit, the run code's hash). The top-level keys in ``one_line`` (long series of
+    numbers) are written on one line each, the rest indented."""
+    from surm.harness.runs.provenance import made_by
+
+    maker = made_by()
+    payload = {**payload, "made_by": maker}
+    markdown = markdown.rstrip("\n") + "\n\n" + maker_line(maker) + "\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
     if one_line:
@@ -203,6 +208,12 @@ def write(out_dir: Path, name: str, payload: dict[str, Any], markdown: str, figu
         json_path.write_text(json.dumps(payload, indent=1, default=jsonable) + "\n")
     md_path.write_text(markdown)
     return Outcome(name, markdown, [json_path, md_path, *figures], payload)
+
+
+def maker_line(maker: dict[str, Any]) -> str:
+    """The Markdown line that names what made a report."""
+    commit = f"commit `{maker['commit']}`" if maker.get("commit") else "an installed copy (no git checkout)"
+    return f"<sub>Made by surm {maker['surm']} at {commit} (run code `{maker['code']}`).</sub>"
 
 
 def jsonable(value: Any) -> Any:

@@ -21,12 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from surm.methods import Method, parse
+from surm.harness.methods import Method, parse
+from surm.harness.runs import Runner, RunRecord, RunSpec
 
 from . import plots, report, selection
 from .presets import Preset, lr_for, setting
-from .runs import RunRecord, RunSpec
-from .store import Runner
 
 DATASET_NAMES = {"mnist": "MNIST-5k", "digits": "digits (8x8)"}
 METHODS = ("head", "lora:4", "surm:circulant", "surm:toeplitz", "full")
@@ -119,7 +118,8 @@ def run(config: VisionPreset, out_dir: Path, runner: Runner) -> report.Outcome:
         panels[f"{DATASET_NAMES.get(d, d)}, {drows[0].n_train:,} training images"] = drows
     png = plots.accuracy_vs_params(
         panels, out_dir / "vision.png",
-        title=f"EfficientNet-Lite0 fine-tuned on digits ({config.name} preset): test accuracy against trainable parameters")
+        title=f"EfficientNet-Lite0 fine-tuned on digits ({config.name} preset): test accuracy against trainable "
+              f"parameters")
     payload = {"experiment": "vision", "preset": config.name, "config": config, "wall_seconds": wall,
                "run_seconds": sum(r.seconds for r in records), "rows": rows, "runs": records}
     figures = [png]

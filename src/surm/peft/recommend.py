@@ -32,7 +32,7 @@ def recommended_lr(config: SurmConfig) -> float:
     """
     if not isinstance(config, SurmConfig):
         raise TypeError(f"recommended_lr takes a surm.SurmConfig, got {type(config).__name__}; "
-                        f"for LoRA and the other PEFT methods see surm.methods.default_lr")
+                        f"for LoRA and the other PEFT methods see surm.harness.methods.default_lr")
     if config.scaling == "width":
         return WIDTH_SCALED_SERIAL_LR if config.placement == "serial" else WIDTH_SCALED_LR
     if config.structure not in _SWEPT_UNSCALED or config.structure_pattern:

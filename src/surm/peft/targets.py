@@ -50,6 +50,16 @@ SERIAL_TARGETS: dict[str, list[str]] = {
 }
 
 
+#: The FFN output projection alone (the Pfeiffer adapter position). BERT's name needs a regex:
+#: "output.dense" also ends the attention output projection's name.
+FFN_OUTPUT_TARGETS: dict[str, str] = {
+    **{t: r".*layer\.\d+\.output\.dense" for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+    **{t: "down_proj" for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")},
+    "gpt2": "mlp.c_proj",
+    "opt": "fc2",
+}
+
+
 def default_targets(model_type: str | None, placement: str) -> list[str] | None:
     """The default target module names, or None when the model type is not known."""
     table = SERIAL_TARGETS if placement == "serial" else PARALLEL_TARGETS

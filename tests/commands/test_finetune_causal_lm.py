@@ -1,0 +1,98 @@
+"""``surm finetune`` on prompt -> response data: the tiny random Llama end to end, usage errors
+before any model is loaded."""
+
+import json
+
+import peft
+import pytest
+
+from surm.commands import finetune
+from surm.commands.errors import UsageError
+from surm.commands.main import build_parser, main
+
+TINY = ["--data", "grimm_tales", "--model", "tiny-llama", "--max-steps", "3", "--per-device-train-batch-size", "2",
+        "--max-train-samples", "6", "--max-eval-samples", "2", "--quiet"]
+
+
+def _args(*argv):
+    return build_parser().parse_args(["finetune", *argv])
+
+
+def test_finetune_tiny_llama_writes_results_and_an_adapter_that_loads(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["finetune", *TINY, "--method", "surm:circulant", "--output-dir", str(out)]) in (0, None)
+    printed = capsys.readouterr().out
+    assert "SURM circulant on tiny-llama / grimm_tales" in printed and "perplexity" in printed
+    result = json.loads((out / "results.json").read_text())
+    assert result["train"]["steps"] == 3 and result["lr"] == pytest.approx(3e-2) and result["spec"]["max_length"] == 256
+    assert result["sizes"]["validation"] == 2 and result["trainable_params"] > 0
+    assert [p["step"] for p in result["curve"]][0] == 0 and result["curve"][-1]["step"] == 3
+    assert result["test"]["perplexity"] > 1
+    from surm.harness.models import tiny as tiny_llama
+
+    loaded = peft.PeftModel.from_pretrained(tiny_llama.model(), out / "adapter")
+    assert sum(".surm_" in n for n, _ in loaded.named_parameters()) > 0
+
+
+def test_lora_default_rate_and_no_save(tmp_path):
+    out = tmp_path / "run"
+    main(["finetune", *TINY, "--method", "lora:2", "--output-dir", str(out), "--no-save"])
+    result = json.loads((out / "results.json").read_text())
+    assert result["lr"] == pytest.approx(3e-3) and not (out / "adapter").exists()
+
+
+def test_adapter_config_on_a_causal_lm(tmp_path):
+    config = tmp_path / "toeplitz_qv.json"
+    config.write_text(json.dumps({"structure": "toeplitz", "target_modules": ["q_proj", "v_proj"]}))
+    out = tmp_path / "run"
+    main(["finetune", *TINY, "--adapter-config", str(config), "--output-dir", str(out)])
+    result = json.loads((out / "results.json").read_text())
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert result["label"] == "SURM toeplitz (toeplitz_qv)" and result["lr"] == pytest.approx(3e-2)
+    assert sorted(saved["target_modules"]) == ["q_proj", "v_proj"] and saved["structure"] == "toeplitz"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "head"], "classification head"),
+    (["--method", "lora8"], "unknown method"),
+    (["--model", "gpt-nothing"], "unknown model 'gpt-nothing'"),
+    (["--model", "minilm"], "takes labelled texts, but the data are prompt -> response pairs"),
+    (["--head-learning-rate", "0.1"], "without a head"),
+    (["--max-seq-length", "1"], "at least 2"),
+])
+def test_usage_errors_before_any_model_loads(argv, message):
+    with pytest.raises(UsageError, match=message):
+        finetune.spec_from_args(_args(*TINY, *argv))
+
+
+def test_torchrun_two_processes_train_like_one(tmp_path):
+    """``torchrun --nproc-per-node 2`` (gloo, CPU): each process takes half of every batch, so the
+    result matches one process up to how the per-process token means are averaged."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
+    argv = [*TINY, "--method", "surm:circulant", "--no-save"]
+    main(["finetune", *argv, "--output-dir", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "-m", "surm", "finetune", *argv, "--output-dir", str(tmp_path / "two")],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)  # its own process group: a hung launch takes its workers along
+    try:
+        _, stderr = launch.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launch.pid, signal.SIGKILL)
+        launch.communicate()
+        pytest.fail("torchrun did not finish within 300 s")
+    assert launch.returncode == 0, stderr[-2000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert two["curve"][0]["loss"] == pytest.approx(one["curve"][0]["loss"])  # the same start
+    assert two["test"]["loss"] == pytest.approx(one["test"]["loss"], abs=2e-3)
+    assert two["test"]["loss"] < two["curve"][0]["loss"] + 0.05
