@@ -282,3 +282,28 @@ def test_friends_next_line():
     assert pool.groups[0] == "0101" and pool.prompts[0].split("\n\n")[1] == (
         "Monica: There's nothing to tell! He's just some guyI work with!")
     assert pool.responses[0] == "Joey: C'mon, you're going out with the guy! There'sgotta be something wrong with him!"
+
+
+def test_friends_held_out_subsets_come_from_unseen_episodes():
+    """The fixed evaluation subset of the LLM comparison: every example of an episode that no
+    training example comes from, spread over the held-out episodes rather than the first few."""
+    from surm.harness.runs import RunSpec, load_splits
+
+    spec = RunSpec("friends", "lora:8", model="tiny-llama", n_eval=1100, eval_splits=("validation", "test"))
+    splits = load_splits(spec)
+    train = set(splits.train.groups)
+    for split in (splits.validation, splits.test):
+        assert len(split) == 1100 and not set(split.groups) & train
+        assert len(set(split.groups)) >= 15  # spread over episodes, not the first four
+    assert not set(splits.validation.groups) & set(splits.test.groups)
+
+
+def test_rotten_tomatoes_as_an_instruction_task_keeps_the_classifier_splits():
+    from surm.harness import data as harness_data
+
+    task = harness_data.load_instructions("rotten_tomatoes_instruct")
+    labelled = harness_data.load("rotten_tomatoes")
+    for name in ("train", "validation", "test"):
+        assert sorted(getattr(task, name).ids.tolist()) == sorted(getattr(labelled, name).ids.tolist())
+    assert task.test.choices == ["negative", "positive"] and set(task.test.responses) == {"negative", "positive"}
+    assert task.test.prompts[0].startswith('Movie review: "') and len(task.test) >= 1000

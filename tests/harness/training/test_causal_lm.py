@@ -151,3 +151,53 @@ def test_generate_is_greedy_and_returns_new_text_only():
     first = generate(model, tok, ["write a tale"], max_new_tokens=4)
     assert first == generate(model, tok, ["write a tale"], max_new_tokens=4)
     assert len(first) == 1 and "write a tale" not in first[0]
+
+
+def test_the_choice_is_the_most_likely_first_response_token_by_hand():
+    from surm.harness.training.causal_lm import choose
+
+    # two rows; row 0's response starts at position 2 (predicted at 1), row 1's at 3 (predicted at 2)
+    labels = torch.tensor([[-100, -100, 5, 2], [-100, -100, -100, 6]])
+    logits = torch.zeros(2, 4, 8)
+    logits[0, 1, 5], logits[0, 1, 6] = 1.0, 3.0  # row 0 prefers token 6 where it matters
+    logits[0, 2, 5] = 9.0  # a later position never counts
+    logits[1, 2, 5], logits[1, 2, 6] = 2.0, -1.0  # row 1 prefers token 5
+    assert choose(logits, labels, torch.tensor([5, 6])).tolist() == [1, 0]
+    with pytest.raises(ValueError, match="no response token"):
+        choose(logits, torch.full((2, 4), -100), torch.tensor([5, 6]))
+
+
+def test_choice_accuracy_on_a_split_with_choices():
+    tokenizer = tiny.tokenizer()
+    model = tiny.model(vocab_size=len(tokenizer))
+    split = InstructionSplit(prompts=["a red fox ?"] * 4, responses=["positive", "negative", "positive", "negative"],
+                             groups=["g0", "g1", "g2", "g3"], ids=np.arange(4), choices=["negative", "positive"])
+    batcher = InstructionBatcher(tokenizer, max_length=32)
+    metrics = evaluate_lm(model, batcher, split)
+    # the same prompt everywhere: the model makes one choice, right for exactly half of the rows
+    assert metrics["accuracy"] == 0.5 and metrics["n"] == 4
+    bad = InstructionSplit(prompts=["a"], responses=["once upon"], groups=["g"], ids=np.arange(1),
+                           choices=["once upon", "the end"])
+    with pytest.raises(ValueError, match="2 tokens of this tokenizer"):
+        evaluate_lm(model, batcher, bad)
+
+
+@pytest.mark.parametrize("method", ["surm:circulant", "lora:2", None])
+def test_scored_logits_give_the_models_own_loss_and_gradients(method):
+    from surm.harness.training.causal_lm import scored_logits
+
+    tokenizer = tiny.tokenizer()
+    base = tiny.model(vocab_size=len(tokenizer)).double()
+    model = methods.apply(base, method) if method else base  # None: full fine-tuning, every weight trains
+    batcher = InstructionBatcher(tokenizer, max_length=32)
+    split = InstructionSplit(prompts=PROMPTS, responses=RESPONSES, groups=["a", "b", "c", "d"], ids=np.arange(4))
+    inputs, _ = next(batcher.batches(split, [np.arange(4)]))
+    logits, targets = scored_logits(model, inputs)
+    assert logits.shape == (len(targets), len(tokenizer))
+    assert len(targets) == int((inputs["labels"][:, 1:] != -100).sum())
+    fast = causal_lm_loss(model, inputs)
+    full = model(**inputs).loss
+    assert torch.allclose(fast, full, atol=1e-10)
+    (g_fast,) = torch.autograd.grad(fast, [p for p in model.parameters() if p.requires_grad][:1])
+    (g_full,) = torch.autograd.grad(model(**inputs).loss, [p for p in model.parameters() if p.requires_grad][:1])
+    assert torch.allclose(g_fast, g_full, atol=1e-10)

@@ -8,7 +8,7 @@ a user's file too.
 
 from __future__ import annotations
 
-from . import files, packaged
+from . import files, instruct, packaged
 from .packaged import CAUSAL_LM, DatasetSplits, InstructionSplit, InstructionSplits, MissingPackageError, Split
 
 __all__ = [
@@ -28,12 +28,13 @@ __all__ = [
 
 
 def names() -> list[str]:
-    """The packaged data sets (a user's file is taken by its path)."""
-    return packaged.names()
+    """The packaged data sets and the labelled ones asked as instruction tasks
+    (:mod:`.instruct`); a user's file is taken by its path."""
+    return [*packaged.names(), *instruct.TASKS]
 
 
 def _is_user(name: str) -> bool:
-    return name not in packaged.names() and files.is_user_data(name)
+    return name not in names() and files.is_user_data(name)
 
 
 def modality(name: str) -> str:
@@ -41,6 +42,8 @@ def modality(name: str) -> str:
     set: nothing is read; a user's file: its columns)."""
     if _is_user(name):
         return files.modality(name)
+    if name in instruct.TASKS:
+        return CAUSAL_LM
     if name not in packaged.names():
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(packaged.names())}, or a user's data: a "
                          f".csv or .jsonl file (text,label or prompt,response or messages) or a folder saved by "
@@ -55,6 +58,10 @@ def load(name: str, *, seed: int = 0, split_seed: int = 0, train_fraction: float
     if _is_user(name):
         packaged._check_sizes(train_fraction, max_examples)
         return files.load_labelled(name, seed, split_seed, train_fraction, max_examples)
+    if name in instruct.TASKS:
+        source = instruct.TASKS[name].source
+        raise ValueError(f"{name} is {source} asked as an instruction task (prompt -> label word); load it with "
+                         f"load_instructions, or load {source}")
     return packaged.load(name, seed=seed, split_seed=split_seed, train_fraction=train_fraction,
                          max_examples=max_examples)
 
@@ -68,6 +75,11 @@ def load_instructions(name: str, *, seed: int = 0, split_seed: int = 0, train_fr
         if max_response_chars is not None:
             raise ValueError("max_response_chars applies to the packaged data sets; a user's responses are kept whole")
         return files.load_prompts(name, seed, split_seed, train_fraction, max_examples)
+    if name in instruct.TASKS:
+        if max_response_chars is not None:
+            raise ValueError(f"max_response_chars: {name}'s responses are single label words")
+        return instruct.load_task(name, seed=seed, split_seed=split_seed, train_fraction=train_fraction,
+                                  max_examples=max_examples)
     return packaged.load_instructions(name, seed=seed, split_seed=split_seed, train_fraction=train_fraction,
                                       max_examples=max_examples, max_response_chars=max_response_chars)
 

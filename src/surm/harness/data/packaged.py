@@ -189,6 +189,9 @@ class InstructionSplit:
             increasing order. Unique across the three splits; stable for a package version.
         systems: ``list[str | None]`` of length N, a system turn per example (a user's chat
             data); None: the chat template's own.
+        choices: the answers every example chooses from (a labelled data set asked as a
+            question, :mod:`surm.harness.data.instruct`): each response is one of them, and
+            evaluation scores the model's choice; None: free text.
     """
 
     prompts: list[str]
@@ -196,6 +199,7 @@ class InstructionSplit:
     groups: list[str]
     ids: np.ndarray
     systems: list[str | None] | None = None
+    choices: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -20,7 +20,7 @@ CHAT_TEMPLATE = (
 SPECIAL = ["<unk>", "<|im_start|>", "<|im_end|>"]
 WORDS = (
     "system user assistant be kind write a tale about the fox and hen once upon time there was who ran away "
-    "into wood . , ! ? said she he it then end red"
+    "into wood . , ! ? said she he it then end red positive negative"
 ).split()
 
 

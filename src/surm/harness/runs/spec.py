@@ -65,8 +65,8 @@ class RunSpec:
             (:func:`steps_setting` turns a ``max_steps`` into these).
         n_train: keep about that many training examples (``train_fraction`` instead keeps that
             fraction): stratified for classifiers, at random for prompt -> response pairs.
-        n_eval: cap validation and test at that many examples, the same for every method and
-            seed (classifiers: a fixed random subset; prompt -> response pairs: the first ones).
+        n_eval: cap validation and test at that many examples: a fixed random subset, the same
+            for every method and seed.
         max_length: tokens per text (prompt -> response pairs: the prompt and response together).
         model: a :data:`surm.harness.models.catalog.CATALOG` name or alias, a local transformers
             directory, or None: the default model of the data's modality.

@@ -43,6 +43,7 @@ __all__ = [
     "eval_steps",
     "evaluate_lm",
     "finetune_lm",
+    "choose",
     "generate",
     "merge_check",
     "response_token_losses",
@@ -94,6 +95,22 @@ class InstructionBatcher:
         for rows in index_batches:
             yield collate([encoded[i] for i in rows], self.pad_id, "right"), None
 
+    def choice_ids(self, split: InstructionSplit) -> torch.Tensor:
+        """int64 ``(C,)``: the token of each of ``split.choices`` as a response starts with it
+        (ValueError unless every choice is one token and the tokens differ)."""
+        ids = []
+        for choice in split.choices or ():
+            encoded = encode_example(self.tokenizer, "?", choice, 10**6, None)
+            tokens = [t for t, label in zip(encoded["input_ids"], encoded["labels"]) if label != IGNORE_INDEX]
+            alone = self.tokenizer(choice, add_special_tokens=False)["input_ids"]
+            if len(alone) != 1 or tokens[:1] != alone:
+                raise ValueError(f"choice {choice!r} is {len(alone)} tokens of this tokenizer; scoring a choice by "
+                                 f"its first token needs one-token choices")
+            ids.append(alone[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"choices {split.choices} share a token")
+        return torch.tensor(ids, dtype=torch.long)
+
     def lengths(self, split: InstructionSplit) -> np.ndarray:
         """Token count of every example, ``(N,)``."""
         return np.array([len(e["input_ids"]) for e in self.encode(split)])
@@ -112,10 +129,36 @@ class InstructionBatcher:
         return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+#: Causal LMs whose logits are ``lm_head(last hidden state)`` and nothing more: for them the head
+#: is applied at the scored positions only (:func:`scored_logits`).
+PLAIN_HEADS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def scored_logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(logits, targets)`` at the positions that predict a labelled token only: logits
+    ``(N, V)`` and their target tokens ``(N,)``, N the labelled tokens of the batch (the shift
+    included: position t predicts token t + 1). The same numbers as the full logits at those
+    positions, without the vocabulary projection (a fifth of SmolLM2's compute) and the
+    ``(B, T, V)`` logits at every other position. None for a model outside :data:`PLAIN_HEADS`
+    (or wrapped for DistributedDataParallel): the caller takes the model's own forward."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if type(inner).__name__ not in PLAIN_HEADS or not isinstance(getattr(inner, "lm_head", None), nn.Linear):
+        return None
+    hidden = inner.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+    targets = inputs["labels"][:, 1:]
+    scored = targets != IGNORE_INDEX
+    return inner.lm_head(hidden[:, :-1][scored]), targets[scored]
+
+
 def causal_lm_loss(model: nn.Module, inputs: dict[str, torch.Tensor], labels: Any = None) -> torch.Tensor:
-    """The model's own loss on a batch carrying ``labels``: mean cross-entropy over the tokens whose
-    label is not -100 (the response tokens). ``labels`` (the batcher's None) is not used."""
-    return model(**inputs).loss
+    """Mean cross-entropy over the tokens whose label is not -100 (the response tokens): the
+    model's own loss, the head applied at those tokens only where it can be
+    (:func:`scored_logits`). ``labels`` (the batcher's None) is not used."""
+    scored = scored_logits(model, inputs)
+    if scored is None:
+        return model(**inputs).loss
+    logits, targets = scored
+    return F.cross_entropy(logits.float(), targets)
 
 
 def response_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -141,27 +184,79 @@ def response_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[t
 @torch.no_grad()
 def evaluate_lm(model: nn.Module, batcher: InstructionBatcher, split: InstructionSplit, batch_size: int = 4,
                 device: str = "cpu") -> dict[str, float]:
-    """Mean response-token loss and perplexity of ``model`` on ``split``.
+    """Mean response-token loss and perplexity of ``model`` on ``split``, and, for a split with
+    ``choices`` (a labelled data set asked as a question), the accuracy of the model's choice.
 
     Returns ``{"loss", "perplexity", "tokens", "n"}``: ``loss`` is the cross-entropy (nats)
     averaged over all ``tokens`` response tokens of the ``n`` examples, ``perplexity`` is
-    ``exp(loss)``. The model's train / eval mode is restored afterwards.
+    ``exp(loss)``; with choices also ``"accuracy"``: the share of examples whose response is the
+    choice with the most likely first token after the prompt (every choice one token:
+    :meth:`InstructionBatcher.choice_ids`), from the same forward pass. The model's train / eval
+    mode is restored afterwards.
     """
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, correct = 0.0, 0, 0
+    choice_ids = batcher.choice_ids(split) if split.choices else None
     index_batches = batcher.eval_batches(split, batch_size)
-    for inputs, _ in batcher.batches(split, index_batches):
+    for rows, (inputs, _) in zip(index_batches, batcher.batches(split, index_batches)):
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
-        batch_sum, batch_tokens = response_token_losses(out.logits, inputs["labels"])
+        scored = scored_logits(model, inputs)
+        if scored is None:
+            logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            batch_sum, batch_tokens = response_token_losses(logits, inputs["labels"])
+            picked = None if choice_ids is None else choose(logits, inputs["labels"], choice_ids)
+        else:
+            logits, targets = scored
+            batch_sum = F.cross_entropy(logits.float(), targets, reduction="sum").double()
+            batch_tokens = int(targets.numel())
+            picked = None if choice_ids is None else _choose_scored(logits, inputs["labels"], choice_ids)
         total += float(batch_sum)
         tokens += batch_tokens
+        if picked is not None:
+            answers = torch.tensor([split.choices.index(split.responses[i]) for i in rows], device=device)
+            correct += int((picked == answers).sum())
     model.train(was_training)
     if tokens == 0:
         raise ValueError("the split has no response tokens to score (every response was cut by max_length?)")
     loss = total / tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "n": len(split)}
+    metrics = {"loss": loss, "perplexity": math.exp(loss), "tokens": tokens, "n": len(split)}
+    if choice_ids is not None:
+        metrics["accuracy"] = correct / len(split)
+    return metrics
+
+
+def _choose_scored(logits: torch.Tensor, labels: torch.Tensor, choice_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`choose` from :func:`scored_logits`' ``(N, V)`` rows: each batch row's first scored
+    position is its response's first token."""
+    scored = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1), row-major as the logits' rows
+    counts = scored.sum(1)
+    if bool((counts == 0).any()):
+        raise ValueError("a row has no response token to score its choice at")
+    first = torch.cumsum(counts, 0) - counts  # the index of each batch row's first scored logit row
+    return logits[first][:, choice_ids].argmax(1)
+
+
+def choose(logits: torch.Tensor, labels: torch.Tensor, choice_ids: torch.Tensor) -> torch.Tensor:
+    """The index of the most likely choice of each row.
+
+    Args:
+        logits: ``(B, T, V)``; position ``t`` predicts token ``t + 1``.
+        labels: ``(B, T)``, -100 before the response: the first labelled position is the response's
+            first token, predicted by the position before it.
+        choice_ids: ``(C,)`` the token of each choice.
+
+    Returns:
+        int64 ``(B,)``: for each row, ``argmax_c logits[first - 1, choice_ids[c]]``.
+    """
+    labelled = labels != IGNORE_INDEX
+    if not bool(labelled.any(1).all()):
+        raise ValueError("a row has no response token to score its choice at")
+    first = labelled.float().argmax(1)  # the first labelled position of each row
+    if bool((first < 1).any()):
+        raise ValueError("a response starts at position 0: no prompt predicts it")
+    at = logits[torch.arange(logits.shape[0], device=logits.device), first - 1]  # (B, V)
+    return at[:, choice_ids].argmax(1)
 
 
 @torch.no_grad()
@@ -197,8 +292,8 @@ def finetune_lm(model: nn.Module, batcher: InstructionBatcher, splits, config, e
                 eval_splits: Sequence[str] = ("validation", "test"), curve_split: str = "validation",
                 progress_log=None) -> dict[str, Any]:
     """Train ``model`` on ``splits.train`` with :func:`surm.harness.training.train` and :func:`causal_lm_loss`,
-    evaluating ``curve_split`` before training and at ``eval_points`` steps (:func:`eval_steps`),
-    then every split of ``eval_splits``.
+    evaluating ``curve_split`` before training and at ``eval_points`` steps (:func:`eval_steps`;
+    none with ``eval_points=0``), then every split of ``eval_splits``.
 
     Under ``torch.distributed`` (initialised by the caller) the model trains wrapped in
     ``DistributedDataParallel``, each process on its rows of every batch (build ``batcher`` with
@@ -224,7 +319,10 @@ def finetune_lm(model: nn.Module, batcher: InstructionBatcher, splits, config, e
     steps = num_steps(len(splits.train), config)
     at = set(eval_steps(steps, eval_points))
     curve_data = getattr(splits, curve_split)
-    curve = [{"step": 0, **_point(evaluate_lm(model, batcher, curve_data, config.eval_batch_size, config.device))}]
+    curve = []
+    if eval_points > 0:  # the curve starts before training
+        curve.append({"step": 0, **_point(evaluate_lm(model, batcher, curve_data, config.eval_batch_size,
+                                                      config.device))})
     eval_time = [0.0, 0.0]  # wall, CPU
 
     def on_step(step: int) -> None:
