@@ -38,8 +38,7 @@ from typing import Any, Literal
 from surm.harness import methods as surm_methods
 from surm.harness.data import instruct
 from surm.harness.models import catalog
-from surm.harness.runs import Runner, RunRecord, RunSpec, load_splits, make_model
-from surm.harness.threads import torch_threads
+from surm.harness.runs import Runner, RunRecord, RunSpec, load_splits
 
 from . import plots, report, selection
 from .presets import Preset, setting
@@ -105,7 +104,7 @@ class LlmPreset(Preset):
 
 def _adapter_method(text: str) -> surm_methods.Method:
     method = surm_methods.parse(text)  # ValueError with the grammar
-    if method.kind in ("head", "full", "bitfit"):
+    if method.kind in ("head", "full", "bitfit", "base"):
         raise ValueError(f"methods: {method.name} is not an adapter method; llm compares adapters "
                          f"(base: no training; ceiling=full: full fine-tuning once)")
     return method
@@ -132,8 +131,8 @@ PRESETS: dict[str, LlmPreset] = {
     # (each method's default rate) to fit a CPU, --set lr_factors='(1/3, 1, 3)' adds it (the x1 runs
     # are shared through the run store)
     "full": LlmPreset(name="full", datasets=("friends", "rotten_tomatoes_instruct"), methods=LLM_METHODS,
-                      ceiling="full", steps=200, batch_size=8, max_length=256,
-                      n_eval={"friends": 1100, "rotten_tomatoes_instruct": 1000}, eval_points=0,
+                      ceiling="full", steps=200, batch_size=8, max_length=512,
+                      n_eval={"friends": 1100, "rotten_tomatoes_instruct": 1000}, eval_points=0, eval_batch_size=8,
                       seeds=(0, 1, 2)),
 }
 # quick: about 13 min of one core (24 steps of about 8 s CPU for each of 3 methods, evaluations and
@@ -186,46 +185,33 @@ def run(config: LlmPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     """Fine-tune with every method of ``config`` on every data set; writes llm.json / .md / .png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     methods = trained_methods(config)
-    rows: list[dict[str, Any]] = []
+    first_only = ([BASE] if BASE in config.methods else []) + ([config.ceiling] if config.ceiling else [])
     grids: dict[str, list[dict[str, Any]]] = {}
-    prompts: dict[str, list[str]] = {}
-    wall = 0.0
+    # the base model (it does not depend on the seed) and the ceiling once, first
+    once = [spec(config, d, m, config.seeds[0]) for m in first_only for d in config.datasets]
+    records, wall = runner.run_all(once, "llm base and ceiling", config.threads)
     if config.lr_factors is None:  # seed by seed: a part of the runs is a whole table of a seed
         specs = [spec(config, d, m, s) for s in config.seeds for d in config.datasets for m in methods]
-        records, wall = runner.run_all(specs, "llm", config.threads)
-        by_key = {r.spec.key: r for r in records}
+        trained, trained_wall = runner.run_all(specs, "llm", config.threads)
+        records, wall = records + trained, wall + trained_wall
     else:
-        by_key = {}
         for dataset in config.datasets:
             settings = {(dataset, m): [spec(config, dataset, m, s) for s in config.seeds] for m in methods}
             score = selection.validation_accuracy if is_choice_task(dataset) else selection.validation_loss
             chosen = selection.choose(runner, settings, config.lr_factors, f"llm {dataset}", config.threads,
                                       score=score)
-            wall += chosen.wall_seconds
-            by_key.update({r.spec.key: r for r in chosen.final})
+            records, wall = records + chosen.final, wall + chosen.wall_seconds
             grids[dataset] = _grid_rows(chosen, dataset)
-    ceiling = []
-    if config.ceiling is not None:
-        ceiling, ceiling_wall = runner.run_all([spec(config, d, config.ceiling, config.seeds[0])
-                                                for d in config.datasets], "llm ceiling", config.threads)
-        wall += ceiling_wall
-    for dataset in config.datasets:
-        for seed in config.seeds:
-            if BASE in config.methods:
-                base_row, prompts[dataset] = _base_row(config, dataset, seed)
-                rows.append({"dataset": dataset, "seed": seed, **base_row})
-            for m in methods:
-                wanted = (dataset, surm_methods.parse(m).name, seed)
-                record = next(r for r in by_key.values()
-                              if (r.spec.dataset, r.spec.method.name, r.spec.seed) == wanted)
-                rows.append({"dataset": dataset, "seed": seed, **_row(record)})
-        rows += [{"dataset": dataset, "seed": r.spec.seed, **_row(r)} for r in ceiling if r.spec.dataset == dataset]
-        prompts.setdefault(dataset, _prompts(config, dataset))
+    order = {m: i for i, m in enumerate([BASE, *methods, config.ceiling])}
+    rows = [{"dataset": r.spec.dataset, "seed": r.spec.seed, **_row(r)} for r in records]
+    group = {BASE: 0, config.ceiling: 2}  # the base model first, the ceiling last, the methods by seed between
+    rows.sort(key=lambda r: (config.datasets.index(r["dataset"]), group.get(r["method"], 1), r["seed"],
+                             order.get(r["method"], len(order))))
     settings = {k: v for k, v in config.to_dict().items() if k != "name"}
     summary = {d: summarize([r for r in rows if r["dataset"] == d], d) for d in config.datasets}
     payload = {"experiment": "llm", "preset": config.name, "config": settings, "wall_seconds": wall,
-               "prompts": prompts, "summary": summary, "paired": {d: paired(rows, d) for d in config.datasets},
-               "lr_grids": grids, "rows": rows}
+               "prompts": {d: _prompts(config, d) for d in config.datasets}, "summary": summary,
+               "paired": {d: paired(rows, d) for d in config.datasets}, "lr_grids": grids, "rows": rows}
     figures = [plot_quality(summary, out_dir / "llm_quality.png", config)]
     for dataset in config.datasets:
         first = [r for r in rows if r["dataset"] == dataset and r["seed"] == config.seeds[0]]
@@ -250,24 +236,6 @@ def _prompts(config: LlmPreset, dataset: str) -> list[str]:
     return list(load_splits(spec(config, dataset, "lora:1", config.seeds[0])).test.prompts[: config.n_prompts])
 
 
-def _base_row(config: LlmPreset, dataset: str, seed: int) -> tuple[dict[str, Any], list[str]]:
-    """The base model as it is (nothing trained): held-out metrics and generations (the floor)."""
-    from surm.harness.training.causal_lm import evaluate_lm, generate
-
-    run = spec(config, dataset, "lora:1", seed)
-    splits = load_splits(run)
-    model, batcher = make_model(run)
-    prompts = list(splits.test.prompts[: config.n_prompts])
-    with torch_threads(config.threads):
-        metrics = {name: evaluate_lm(model, batcher, getattr(splits, name), run.effective_eval_batch_size)
-                   for name in ("validation", "test")}
-        generations = generate(model, batcher.tokenizer, prompts, config.max_new_tokens)
-    curve = [{"step": 0, "loss": metrics["validation"]["loss"], "perplexity": metrics["validation"]["perplexity"]}]
-    row = {"method": BASE, "label": "base model (no training)", "where": "-", "lr": None, "trainable_params": 0,
-           **metrics, "curve": curve, "generations": generations}
-    return row, prompts
-
-
 def _row(record: RunRecord) -> dict[str, Any]:
     """A table row of a trained run."""
     row = {"method": record.method.name, "label": record.label, "where": where(record.method), "lr": record.lr,
@@ -288,6 +256,8 @@ def where(method: surm_methods.Method | str) -> str:
     """Which projections of each block the method adapts, in words."""
     method = surm_methods.parse(method)
     targets = method.knob("targets")
+    if method.kind == "base":
+        return "-"
     if method.kind == "full":
         return "every weight"
     if method.kind == "surm" and method.placement == "serial":

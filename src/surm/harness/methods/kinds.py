@@ -81,6 +81,11 @@ class Kind:
     def adds_adapter(self) -> bool:
         return self.build is not None
 
+    @property
+    def trains_nothing(self) -> bool:
+        """The model as it is (``base``): a run only evaluates it."""
+        return self.name == "base"
+
 
 # --------------------------------------------------------------------------- PEFT configs
 
@@ -187,6 +192,8 @@ def _kinds(*kinds: Kind) -> dict[str, Kind]:
 
 #: Every method kind, in the order the grammar lists them.
 KINDS: dict[str, Kind] = _kinds(
+    # the pretrained model as it is: a causal LM's zero-shot floor (a run evaluates it, nothing trains)
+    Kind("base", "base model (no training)", "base", lr=0.0, trains=lambda name, in_head: False),
     Kind("full", "full fine-tuning", "full", lr=1e-4, trains=lambda name, in_head: True),
     Kind("head", "head only", "head", lr=1e-1, trains=lambda name, in_head: in_head),
     # the biases; the head trains at head-only's rate (default_head_lr)

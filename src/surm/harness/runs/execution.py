@@ -169,7 +169,9 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
     model = surm_methods.apply(model, spec.method if adapter is None else adapter, profile)
     config = train_config(spec, progress)
     trainable = surm_methods.count_trainable(model)
-    if causal:
+    if spec.method.record.trains_nothing:
+        result = _evaluate_only(model, batcher, splits, spec, config)
+    elif causal:
         from surm.harness.training.causal_lm import finetune_lm
 
         result = finetune_lm(model, batcher, splits, config, eval_points=spec.eval_points,
@@ -198,13 +200,28 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
     return record, model, deltas
 
 
+def _evaluate_only(model, batcher, splits, spec: RunSpec, config: TrainConfig) -> dict:
+    """The result of a run that trains nothing (``base``): each split's metrics, no steps."""
+    from surm.harness.training import MemoryTracker
+    from surm.harness.training.causal_lm import evaluate_lm
+
+    model.to(config.device)
+    start = time.perf_counter()
+    with MemoryTracker(config.device) as memory:
+        metrics = {name: evaluate_lm(model, batcher, getattr(splits, name), config.eval_batch_size, config.device)
+                   for name in spec.eval_splits}
+    return {"train": {"steps": 0, "losses": [], "seconds": 0.0, "cpu_seconds": 0.0}, **metrics, "train_seconds": 0.0,
+            "train_cpu_seconds": 0.0, "eval_seconds": time.perf_counter() - start, "peak_memory_mb": memory.peak_mb,
+            "peak_memory_growth_mb": memory.growth_mb, "memory_measure": memory.how}
+
+
 def _checks(spec: RunSpec, model, batcher, splits) -> dict:
     """Greedy generations from the first ``spec.n_generate`` test prompts, and the merge check:
     ``merge_and_unload()``'s plain model against the adapter model (:func:`merge_check`)."""
     from surm.harness.training.causal_lm import generate, merge_check
 
     prompts = list(splits.test.prompts[: spec.n_generate])
-    if not hasattr(model, "merge_and_unload"):  # full fine-tuning: nothing to merge
+    if not hasattr(model, "merge_and_unload"):  # full fine-tuning or the base model: nothing to merge
         return {"generations": generate(model, batcher.tokenizer, prompts, spec.max_new_tokens)}
     merge = merge_check(model, batcher.tokenizer, batcher, splits.test, prompts, spec.max_new_tokens)
     return {"generations": merge.pop("generations"), "merge": merge}

@@ -120,6 +120,8 @@ class RunSpec:
         object.__setattr__(self, "eval_splits", tuple(self.eval_splits))
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if modality != surm_data.CAUSAL_LM and self.method.record.trains_nothing:
+            raise ValueError(f"{self.method.name} trains nothing, and a classifier's new head is random: use head")
         if modality == surm_data.CAUSAL_LM and self.method.kind in ("head", "bitfit"):
             raise ValueError(f"{self.method.name} trains a classification head; a causal LM has none here (its LM "
                              f"head stays frozen): use an adapter method or full")
