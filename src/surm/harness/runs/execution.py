@@ -44,7 +44,8 @@ def load_splits(spec: RunSpec):
     if spec.n_eval is None:
         return splits
     cap = _fixed_prompts if causal else _fixed_subset
-    return dataclasses.replace(splits, validation=cap(splits.validation, spec.n_eval), test=cap(splits.test, spec.n_eval))
+    return dataclasses.replace(splits, validation=cap(splits.validation, spec.n_eval),
+                               test=cap(splits.test, spec.n_eval))
 
 
 def _fixed_subset(split: surm_data.Split, n: int) -> surm_data.Split:
@@ -142,6 +143,7 @@ def train_config(spec: RunSpec, progress: bool = True) -> TrainConfig:
         weight_decay=spec.weight_decay, warmup_ratio=spec.warmup_ratio, seed=spec.seed, device=spec.device,
         progress=progress, freeze_norm_stats=True,  # BatchNorm uses its pretrained statistics, for every method
         head_lr=spec.effective_head_lr, head=spec.profile.head, eval_batch_size=spec.effective_eval_batch_size,
+        autocast=None if spec.dtype == "float32" else spec.dtype,
     )
 
 
@@ -167,6 +169,10 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
     if causal:
         torch.manual_seed(spec.seed)  # the adapters' random factors (DDP then starts every rank from rank 0's)
     model = surm_methods.apply(model, spec.method if adapter is None else adapter, profile)
+    if spec.dtype != "float32":  # a low-precision base: what trains stays float32 (autocast does the matmuls)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
     config = train_config(spec, progress)
     trainable = surm_methods.count_trainable(model)
     if spec.method.record.trains_nothing:
@@ -202,12 +208,12 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
 
 def _evaluate_only(model, batcher, splits, spec: RunSpec, config: TrainConfig) -> dict:
     """The result of a run that trains nothing (``base``): each split's metrics, no steps."""
-    from surm.harness.training import MemoryTracker
+    from surm.harness.training import MemoryTracker, compute_context
     from surm.harness.training.causal_lm import evaluate_lm
 
     model.to(config.device)
     start = time.perf_counter()
-    with MemoryTracker(config.device) as memory:
+    with MemoryTracker(config.device) as memory, compute_context(config):
         metrics = {name: evaluate_lm(model, batcher, getattr(splits, name), config.eval_batch_size, config.device)
                    for name in spec.eval_splits}
     return {"train": {"steps": 0, "losses": [], "seconds": 0.0, "cpu_seconds": 0.0}, **metrics, "train_seconds": 0.0,

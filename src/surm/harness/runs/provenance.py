@@ -105,7 +105,7 @@ def fingerprint() -> dict[str, str]:
     return {"code": code_version(), **{name: _version(name) for name in LIBRARIES}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version(name: str) -> str:
     try:
         return metadata.version(name)

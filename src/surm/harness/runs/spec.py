@@ -128,7 +128,7 @@ class RunSpec:
         for name, least in (("batch_size", 1), ("max_length", 2 if modality == surm_data.CAUSAL_LM else 1)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be at least {least}, got {getattr(self, name)}")
-        self.effective_lr  # ValueError now, not after loading a model, if the method has no default
+        _ = self.effective_lr  # ValueError now, not after loading a model, if the method has no default
 
     @property
     def modality(self) -> str:

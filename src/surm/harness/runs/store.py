@@ -106,7 +106,8 @@ class Runner:
             self._deltas[spec.key] = deltas
         return record
 
-    def run_all(self, specs: Sequence[RunSpec], desc: str, n_threads: int | None = None) -> tuple[list[RunRecord], float]:
+    def run_all(self, specs: Sequence[RunSpec], desc: str,
+                n_threads: int | None = None) -> tuple[list[RunRecord], float]:
         """:meth:`run` every spec under ``torch.set_num_threads(n_threads)`` with an outer
         progress bar (with ``jobs > 1``, the missing runs in parallel processes of one thread
         each); ``(records in spec order, wall seconds)``."""

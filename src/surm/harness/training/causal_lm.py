@@ -310,7 +310,7 @@ def finetune_lm(model: nn.Module, batcher: InstructionBatcher, splits, config, e
 
     import torch.distributed as dist
 
-    from .loop import MemoryTracker, num_steps, train
+    from .loop import MemoryTracker, compute_context, num_steps, train
 
     model.to(config.device)
     trained = model
@@ -320,16 +320,19 @@ def finetune_lm(model: nn.Module, batcher: InstructionBatcher, splits, config, e
     at = set(eval_steps(steps, eval_points))
     curve_data = getattr(splits, curve_split)
     curve = []
+
+    def evaluate(split):
+        with compute_context(config):
+            return evaluate_lm(model, batcher, split, config.eval_batch_size, config.device)
+
     if eval_points > 0:  # the curve starts before training
-        curve.append({"step": 0, **_point(evaluate_lm(model, batcher, curve_data, config.eval_batch_size,
-                                                      config.device))})
+        curve.append({"step": 0, **_point(evaluate(curve_data))})
     eval_time = [0.0, 0.0]  # wall, CPU
 
     def on_step(step: int) -> None:
         if step in at:
             start, cpu_start = time.perf_counter(), time.process_time()
-            curve.append({"step": step, **_point(evaluate_lm(model, batcher, curve_data, config.eval_batch_size,
-                                                             config.device))})
+            curve.append({"step": step, **_point(evaluate(curve_data))})
             eval_time[0] += time.perf_counter() - start
             eval_time[1] += time.process_time() - cpu_start
             if progress_log is not None:
@@ -343,7 +346,7 @@ def finetune_lm(model: nn.Module, batcher: InstructionBatcher, splits, config, e
                               "train_cpu_seconds": cpu_seconds, "cpu_seconds_per_step": cpu_seconds / history["steps"]}
     start = time.perf_counter()
     for name in eval_splits:
-        result[name] = evaluate_lm(model, batcher, getattr(splits, name), config.eval_batch_size, config.device)
+        result[name] = evaluate(getattr(splits, name))
     result.update(eval_seconds=time.perf_counter() - start, peak_memory_mb=memory.peak_mb,
                   peak_memory_growth_mb=memory.growth_mb, memory_measure=memory.how)
     return result

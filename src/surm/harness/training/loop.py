@@ -45,6 +45,7 @@ __all__ = [
     "TextBatcher",
     "TrainConfig",
     "classification_loss",
+    "compute_context",
     "evaluate",
     "finetune",
     "length_grouped_batches",
@@ -74,6 +75,9 @@ class TrainConfig:
     freeze_norm_stats: bool = False  # keep BatchNorm running statistics fixed (eval mode)
     head_lr: float | None = None  # learning rate of the head's parameters; None: ``lr``
     head: str | None = None  # name component of the head's module (e.g. "classifier"); needed with head_lr
+    # "bfloat16": every forward pass (training and evaluation) under torch.autocast in bf16: a bf16 base's
+    # matmuls with float32 trainable parameters; SURM's FFTs stay float32 (torch has no bf16 FFT)
+    autocast: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -262,6 +266,16 @@ def _optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, A
             if group["params"]]
 
 
+def compute_context(config: TrainConfig):
+    """The context of every forward pass of a run: ``torch.autocast`` in ``config.autocast``'s
+    dtype, or nothing."""
+    import contextlib
+
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(config.device).type, dtype=getattr(torch, config.autocast))
+
+
 def _set_train_mode(model: nn.Module, freeze_norm_stats: bool) -> None:
     model.train()
     if freeze_norm_stats:
@@ -319,7 +333,8 @@ def train(model: nn.Module, batcher, split: Split, config: TrainConfig,
         for inputs, labels in batcher.batches(split, batcher.train_batches(split, config.batch_size, rng)):
             if isinstance(labels, torch.Tensor):
                 labels = labels.to(config.device)
-            loss = loss_fn(model, _to(inputs, config.device), labels)
+            with compute_context(config):
+                loss = loss_fn(model, _to(inputs, config.device), labels)
             loss.backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
@@ -402,7 +417,8 @@ def finetune(
     result: dict[str, Any] = {"train": history}
     start = time.perf_counter()
     for name in eval_splits:
-        result[name] = evaluate(model, batcher, getattr(splits, name), config.eval_batch_size, config.device)
+        with compute_context(config):
+            result[name] = evaluate(model, batcher, getattr(splits, name), config.eval_batch_size, config.device)
     result.update(
         train_seconds=history["seconds"],
         train_cpu_seconds=history["cpu_seconds"],
