@@ -115,3 +115,25 @@ def test_a_bf16_base_trains_float32_adapters_close_to_a_float32_run(tmp_path):
     assert bf16.config["autocast"] == "bfloat16" and bf16.key != float32.key
     # bf16 keeps 8 bits of mantissa: a relative error of 2**-8 per rounding, a few roundings deep
     assert bf16.test["loss"] == pytest.approx(float32.test["loss"], rel=0.05)
+
+
+def test_prompts_too_long_for_max_seq_length_are_refused_before_any_weights(tmp_path, monkeypatch):
+    import transformers
+
+    import surm.harness.runs.execution as execution
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a model was loaded before the usage error")
+
+    monkeypatch.setattr(execution, "make_model", forbidden)
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", forbidden)
+    with pytest.raises(UsageError, match=r"--max-seq-length 20: \d+ prompt\(s\) of grimm_tales .* give "
+                                         r"--max-seq-length \d+ or more"):
+        finetune.spec_from_args(_args(*TINY, "--max-seq-length", "20"))
+    # without the flag, the default grows to the longest prompt plus 64 tokens
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": "the fox " * 200 + str(i), "response": "the end"}) + "\n"
+                            for i in range(10)))
+    spec = finetune.spec_from_args(_args("--data", str(long), "--model", "tiny-llama"))
+    assert spec.max_length > 400
+    assert finetune.spec_from_args(_args("--data", "grimm_tales", "--model", "tiny-llama")).max_length == 256

@@ -123,7 +123,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     sizes.add_argument("--max-eval-samples", "--max-eval", dest="max_eval_samples", type=int, default=1000, metavar="N",
                        help="cap validation and test at a fixed subset of this size (default: 1000; 0 = all)")
     sizes.add_argument("--max-seq-length", "--max-length", dest="max_seq_length", type=int, default=None, metavar="N",
-                       help="max tokens per text (default: 64; 256 for prompt -> response data)")
+                       help="max tokens per text (default: 64; for prompt -> response data 256, or the longest "
+                            "prompt plus 64 where that is more; a response is cut to fit, a prompt never)")
     sizes.add_argument("--image-size", type=int, default=64, metavar="PX", help="image side in pixels (default: 64)")
 
     out = p.add_argument_group("output")
@@ -168,7 +169,26 @@ def spec_from_args(args: argparse.Namespace):
     except ValueError as err:  # data set, method string, model against data, no default learning rate
         raise UsageError(_flag_names(err)) from None
     check_fits(spec)
+    if causal:
+        spec = fit_prompts(spec, given=args.max_seq_length is not None)
     return spec
+
+
+def fit_prompts(spec, given: bool):
+    """A causal-LM spec whose ``max_length`` leaves room for every prompt's response, found with
+    the tokenizer alone: without ``--max-seq-length`` the default (256) grows to the longest prompt
+    plus 64 tokens; a given one too short is a :class:`UsageError` that says what fits."""
+    from surm.harness.runs import longest_prompt
+
+    longest, split, too_long = longest_prompt(spec)
+    if too_long == 0:
+        return spec
+    if not given:
+        return spec.replace(max_length=longest + 64)
+    where = ("train", "validation", "test")[split]
+    raise UsageError(f"--max-seq-length {spec.max_length}: {too_long} prompt(s) of {spec.dataset} take that many "
+                     f"tokens or more with the chat template, leaving no room for the response (the longest, in "
+                     f"{where}, takes {longest}); give --max-seq-length {longest + 64} or more, or leave it out")
 
 
 def _flag_names(err: Exception) -> str:

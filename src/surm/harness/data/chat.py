@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "collate", "encode_batch", "encode_example"]
+__all__ = ["IGNORE_INDEX", "collate", "encode_batch", "encode_example", "prompt_token_counts"]
 
 #: The label ``torch.nn.functional.cross_entropy`` (and transformers' losses) skip.
 IGNORE_INDEX = -100
@@ -110,3 +110,20 @@ def encode_batch(tokenizer, prompts: Sequence[str], responses: Sequence[str], ma
         raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
     examples = [encode_example(tokenizer, p, r, max_length, system) for p, r in zip(prompts, responses)]
     return collate(examples, pad_id, padding_side or tokenizer.padding_side)
+
+
+def prompt_token_counts(tokenizer, split, system: str | None = None):
+    """int64 ``(N,)``: the tokens of each prompt of ``split`` (an ``InstructionSplit``) as
+    :func:`encode_example` renders it, the chat template's turns and the generation prompt
+    included (a per-example system turn where the split has them)."""
+    import numpy as np
+
+    systems = getattr(split, "systems", None) or [system] * len(split.prompts)
+    texts = []
+    for prompt, own in zip(split.prompts, systems):
+        messages = [] if own is None else [{"role": "system", "content": own}]
+        messages.append({"role": "user", "content": prompt})
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]], dtype=np.int64)

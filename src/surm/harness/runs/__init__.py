@@ -2,7 +2,7 @@
 (:class:`RunRecord`); the run store and the runner (:mod:`.store`); what produced a run
 (:mod:`.provenance`); the meta-device skeleton check (:mod:`.skeleton`)."""
 
-from .execution import delta_names, execute, load_splits, make_model, planning_batches, train_config
+from .execution import delta_names, execute, load_splits, longest_prompt, make_model, planning_batches, train_config
 from .spec import DTYPES, RunRecord, RunSpec, adapter_json, steps_setting
 from .store import Runner, RunStore
 
@@ -16,6 +16,7 @@ __all__ = [
     "delta_names",
     "execute",
     "load_splits",
+    "longest_prompt",
     "make_model",
     "planning_batches",
     "steps_setting",

@@ -24,7 +24,7 @@ from surm.harness.training import ImageBatcher, TextBatcher, TrainConfig, finetu
 from .provenance import code_version, fingerprint
 from .spec import RunRecord, RunSpec
 
-__all__ = ["delta_names", "execute", "load_splits", "make_model", "planning_batches"]
+__all__ = ["delta_names", "execute", "load_splits", "longest_prompt", "make_model", "planning_batches"]
 
 
 # --------------------------------------------------------------------------- data and models
@@ -91,6 +91,19 @@ def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def longest_prompt(spec: RunSpec) -> tuple[int, int, int]:
+    """``(tokens, split index, how many)`` of a causal-LM run's prompts with the chat template:
+    the longest prompt's token count, and how many prompts leave no room for a response within
+    ``spec.max_length``; only the tokenizer is loaded, no weights."""
+    from surm.harness.data.chat import prompt_token_counts
+
+    splits = load_splits(spec)
+    tokenizer = spec.model_entry.tokenizer()
+    counts = [prompt_token_counts(tokenizer, getattr(splits, name)) for name in ("train", "validation", "test")]
+    longest = max(int(c.max()) for c in counts)
+    return longest, int(np.argmax([c.max() for c in counts])), sum(int((c >= spec.max_length).sum()) for c in counts)
 
 
 def planning_batches(spec: RunSpec, n_batches: int, batch_size: int):
