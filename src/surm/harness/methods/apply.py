@@ -60,7 +60,8 @@ def default_head_lr(method: Method | str, profile: Profile | None = None) -> flo
     return default_lr(source, profile) if source is not None else None
 
 
-def apply(model: nn.Module, method: Method | str, profile: Profile | None = None) -> nn.Module:
+def apply(model: nn.Module, method: Method | str, profile: Profile | None = None,
+          task_type: str | None = None) -> nn.Module:
     """Make ``model`` ready to fine-tune with ``method`` (a method string, a :class:`Method`,
     or a PEFT config applied as it is); returns the model to train.
 
@@ -68,11 +69,15 @@ def apply(model: nn.Module, method: Method | str, profile: Profile | None = None
     ``model`` itself and return it; the adapter methods return a ``peft.PeftModel`` wrapping it
     (whose head is a trainable copy, ``modules_to_save``), with the kind's frozen parts frozen
     (LoRA-FIX's ``lora_A``). ``profile``: where adapters go (default: read from the model's
-    type, :func:`~surm.harness.models.profiles.profile_of`).
+    type, :func:`~surm.harness.models.profiles.profile_of`). ``task_type`` (``"CAUSAL_LM"``,
+    ``"SEQ_CLS"``): recorded in the adapter's config, so that PEFT's loaders rebuild the model
+    class of the task (``AutoPeftModelForCausalLM``); a PEFT config given as it is keeps its own.
     """
     import peft
 
     if isinstance(method, peft.PeftConfig):
+        if task_type is not None and method.task_type is None:
+            method.task_type = task_type
         return _wrap(model, method)
     method = parse(method)
     profile = profile if profile is not None else profile_of(model)
@@ -82,7 +87,9 @@ def apply(model: nn.Module, method: Method | str, profile: Profile | None = None
         for name, param in model.named_parameters():
             param.requires_grad_(record.trains(name, head is not None and name.startswith(head + ".")))
         return model
-    wrapped = _wrap(model, peft_config(method, profile, model=model))
+    config = peft_config(method, profile, model=model)
+    config.task_type = task_type
+    wrapped = _wrap(model, config)
     for name, param in wrapped.named_parameters():
         if any(part in name for part in record.freeze):
             param.requires_grad_(False)

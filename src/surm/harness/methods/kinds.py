@@ -192,8 +192,6 @@ def _kinds(*kinds: Kind) -> dict[str, Kind]:
 
 #: Every method kind, in the order the grammar lists them.
 KINDS: dict[str, Kind] = _kinds(
-    # the pretrained model as it is: a causal LM's zero-shot floor (a run evaluates it, nothing trains)
-    Kind("base", "base model (no training)", "base", lr=0.0, trains=lambda name, in_head: False),
     Kind("full", "full fine-tuning", "full", lr=1e-4, trains=lambda name, in_head: True),
     Kind("head", "head only", "head", lr=1e-1, trains=lambda name, in_head: in_head),
     # the biases; the head trains at head-only's rate (default_head_lr)
@@ -221,4 +219,6 @@ KINDS: dict[str, Kind] = _kinds(
          lr_from="houlsby", build=_bottleneck),
     # the norm layers; the head trains at head-only's rate, as for BitFit
     Kind("lntuning", "LN tuning", "lntuning", lr=3e-3, head_lr_from="head", build=_lntuning),
+    # the pretrained model as it is: a causal LM's zero-shot floor (a run evaluates it, nothing trains)
+    Kind("base", "base model (no training)", "base", lr=0.0, trains=lambda name, in_head: False),
 )

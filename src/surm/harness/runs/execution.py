@@ -27,6 +27,11 @@ from .spec import RunRecord, RunSpec
 __all__ = ["delta_names", "execute", "load_splits", "longest_prompt", "make_model", "planning_batches"]
 
 
+#: The PEFT task type a run's adapter records, by the data's modality (none for EfficientNet,
+#: which is no transformers model).
+TASK_TYPES = {"text": "SEQ_CLS", "causal_lm": "CAUSAL_LM"}
+
+
 # --------------------------------------------------------------------------- data and models
 
 
@@ -181,7 +186,8 @@ def execute(spec: RunSpec, progress: bool = True, adapter=None) -> tuple[RunReco
             adapter.modules_to_save = [*(adapter.modules_to_save or ()), profile.head]
     if causal:
         torch.manual_seed(spec.seed)  # the adapters' random factors (DDP then starts every rank from rank 0's)
-    model = surm_methods.apply(model, spec.method if adapter is None else adapter, profile)
+    model = surm_methods.apply(model, spec.method if adapter is None else adapter, profile,
+                               task_type=TASK_TYPES.get(spec.modality))
     if spec.dtype != "float32":  # a low-precision base: what trains stays float32 (autocast does the matmuls)
         for param in model.parameters():
             if param.requires_grad:
