@@ -1,4 +1,5 @@
-"""The learning-rate sweep behind :data:`surm.harness.methods.DEFAULT_LR` (recorded in docs/lr_sweep.md).
+"""The learning-rate sweep behind the method kinds' default rates (:data:`surm.harness.methods.KINDS`;
+recorded in docs/lr_sweep.md).
 
 Each method is trained at a few learning rates on a data subset and scored on the
 *validation* split (never test), with seed 100 (the reported runs use seeds 0-2). Text
