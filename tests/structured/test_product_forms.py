@@ -122,7 +122,8 @@ def test_diagonal_prefix_sums_and_their_adjoint():
                 want[i, j] = sum(R[i - t, j - t] for t in range(min(i, j) + 1))
         torch.testing.assert_close(products._diagonal_cumsum(R), want)
         G = torch.randn(m, n, dtype=F64)
-        torch.testing.assert_close((products._diagonal_cumsum(R) * G).sum(), (R * products._diagonal_cumsum_reverse(G)).sum())
+        forward = (products._diagonal_cumsum(R) * G).sum()
+        torch.testing.assert_close(forward, (R * products._diagonal_cumsum_reverse(G)).sum())
 
 
 # -- init and update energy ----------------------------------------------------------------------
@@ -144,7 +145,8 @@ def test_zero_init_is_zero_and_moves_b(name, m, n):
 def _jacobian_energy(S):
     """``sum_p ||dS/dp||_F^2 / (m n)`` at S's current parameters, by autograd Jacobians."""
     m, n = S.shape
-    jac = torch.autograd.functional.jacobian(lambda *ps: S._dense_with(list(ps)), tuple(p.detach() for p in S.parameters()))
+    params = tuple(p.detach() for p in S.parameters())
+    jac = torch.autograd.functional.jacobian(lambda *ps: S._dense_with(list(ps)), params)
     return sum(float(j.pow(2).sum()) for j in jac) / (m * n)
 
 
@@ -190,7 +192,8 @@ def test_circulant_product_projection(name, m, n, knobs):
     assert P.shape == (m, n) and P.knobs() == {"block_size": knobs.get("block_size")}
     torch.testing.assert_close(P.dense().detach(), member, rtol=1e-12, atol=1e-14)
     M = torch.randn(m, n, dtype=F64)
-    torch.testing.assert_close(cls.project(M, **knobs).dense().detach(), _linear_of(name).project(M, **knobs).dense().detach())
+    ours = cls.project(M, **knobs).dense().detach()
+    torch.testing.assert_close(ours, _linear_of(name).project(M, **knobs).dense().detach())
 
 
 @pytest.mark.parametrize("name", CIRCULANT_PRODUCTS)

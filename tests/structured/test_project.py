@@ -38,7 +38,10 @@ def test_linear_projection_is_least_squares(name, m, n, knobs):
     torch.testing.assert_close(basis.T @ residual, torch.zeros(basis.shape[1], dtype=F64), atol=1e-10, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "low_rank"])
+FAMILIES = ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "low_rank"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("m,n", [(8, 8), (6, 10), (9, 3)])
 def test_projecting_a_member_returns_it(name, m, n):
     knobs = {"rank": 2} if name == "low_rank" else {}
@@ -62,7 +65,8 @@ def test_low_rank_projection_is_eckart_young(m, n, rank):
     torch.testing.assert_close((M - P.dense().detach()).norm(), optimum)
 
 
-@pytest.mark.parametrize("m,n,factors,terms", [(6, 8, ((2, 4), (3, 2)), 1), (6, 8, ((3, 2), (2, 4)), 2), (9, 9, None, 2)])
+@pytest.mark.parametrize("m,n,factors,terms",
+                         [(6, 8, ((2, 4), (3, 2)), 1), (6, 8, ((3, 2), (2, 4)), 2), (9, 9, None, 2)])
 def test_kronecker_projection_is_van_loan_pitsianis_optimum(m, n, factors, terms):
     M = torch.randn(m, n, dtype=F64)
     P = structured.Kronecker.project(M, factors=factors, terms=terms)

@@ -62,7 +62,7 @@ def fast_fft_size(n: int) -> int:
     return _fast_fft_size(n)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fast_fft_size(n: int) -> int:
     if n < 1:
         raise ValueError(f"FFT size must be positive, got {n}")
@@ -82,7 +82,7 @@ def _negacyclic_mask(size: int, device: torch.device | None = None) -> torch.Ten
     return (1 - (-1) ** k).to(torch.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _negacyclic_mask_cpu(size: int) -> torch.Tensor:
     # Built outside inference mode: the cache is process-global, and a tensor first made under
     # torch.inference_mode() would be an inference tensor, which autograd refuses to save for

@@ -112,7 +112,7 @@ class StructuredMatrix(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def project(cls, M: torch.Tensor, **knobs: Any) -> "StructuredMatrix":
+    def project(cls, M: torch.Tensor, **knobs: Any) -> StructuredMatrix:
         """A new instance, with M's shape, approximating M (see each family)."""
 
     def knobs(self) -> dict[str, Any]:
@@ -298,7 +298,7 @@ class LinearStructuredMatrix(StructuredMatrix):
                 self.weight.normal_(0.0, self.in_features**-0.5)
 
     @classmethod
-    def _fit_linear(cls, M: torch.Tensor, instance: "LinearStructuredMatrix") -> "LinearStructuredMatrix":
+    def _fit_linear(cls, M: torch.Tensor, instance: LinearStructuredMatrix) -> LinearStructuredMatrix:
         """Set ``instance.weight`` to the least-squares fit of M (Frobenius-optimal)."""
         index, sign = instance.layout()
         index, sign = index.reshape(-1).to(M.device), sign.reshape(-1).to(M.device, M.dtype)

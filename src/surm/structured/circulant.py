@@ -253,7 +253,7 @@ class _FCirculant(LinearStructuredMatrix):
         return grad
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, block_size: int | None = None) -> "_FCirculant":
+    def project(cls, M: torch.Tensor, *, block_size: int | None = None) -> _FCirculant:
         """Frobenius-optimal fit: each coefficient is the (signed) mean of its wrapped diagonal."""
         M = as_matrix(M, cls.name)
         instance = cls(*M.shape, block_size=block_size, dtype=M.dtype, device=M.device)

@@ -181,7 +181,7 @@ class Kronecker(StructuredMatrix):
         return dA.to(self.A.dtype), dB.to(self.B.dtype)
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, factors: Factors | None = None, terms: int = 1) -> "Kronecker":
+    def project(cls, M: torch.Tensor, *, factors: Factors | None = None, terms: int = 1) -> Kronecker:
         """Frobenius-optimal sum of ``terms`` Kronecker products (Van Loan and Pitsianis):
         rearrange M so that block (i1, j1) of size b1 x b2 becomes row i1*a2 + j1, take the
         rank-``terms`` truncated SVD of that (a1*a2 x b1*b2) matrix, and fold each singular

@@ -315,7 +315,7 @@ class LDR(StructuredMatrix):
         return dG, dH
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, rank: int = 1, steps: int = 300) -> "LDR":
+    def project(cls, M: torch.Tensor, *, rank: int = 1, steps: int = 300) -> LDR:
         """A fitted (not provably optimal) LDR approximation of M: there is no closed form.
 
         Warm start: term 0 is the best circulant (g_0 = its first column, h_0 = e_0, so that

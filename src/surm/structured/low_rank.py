@@ -91,7 +91,7 @@ class LowRank(StructuredMatrix):
         return dA.to(self.A.dtype), dB.to(self.B.dtype)
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, rank: int = 8) -> "LowRank":
+    def project(cls, M: torch.Tensor, *, rank: int = 8) -> LowRank:
         """Frobenius-optimal rank-r fit (Eckart-Young): the truncated SVD, singular values split
         evenly between B and A. A rank above min(m, n) is padded with zero columns."""
         M = as_matrix(M, cls.name)

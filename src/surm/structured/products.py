@@ -29,7 +29,8 @@ starts), see :meth:`ToeplitzProduct.project`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, ClassVar
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,7 @@ class _FCirculantProduct(StructuredMatrix):
         return (dw * self.b.to(dtype)).to(self.a.dtype), (dw * self.a.to(dtype)).to(self.b.dtype)
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, block_size: int | None = None) -> "_FCirculantProduct":
+    def project(cls, M: torch.Tensor, *, block_size: int | None = None) -> _FCirculantProduct:
         """Frobenius-optimal, like the f-circulant's (only ``a * b`` matters): c = the
         f-circulant's least-squares coefficients, split as ``a = sqrt|c|``,
         ``b = sign(c) sqrt|c|``; where c = 0, a = 1 and b = 0 (no coefficient left with both
@@ -337,7 +338,7 @@ class ToeplitzProduct(StructuredMatrix):
         return da.to(self.a.dtype), db.to(self.b.dtype)
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, steps: int = 300) -> "ToeplitzProduct":
+    def project(cls, M: torch.Tensor, *, steps: int = 300) -> ToeplitzProduct:
         """A fitted, locally optimal (not provably optimal) approximation of M: no closed form,
         and the squared error has many local minima (roughly, the ways of splitting the roots
         of the product's symbol between the two factors).

@@ -107,7 +107,7 @@ class Toeplitz(LinearStructuredMatrix):
         return (self._fold(grad_t).to(self.weight.dtype),)
 
     @classmethod
-    def project(cls, M: torch.Tensor) -> "Toeplitz":
+    def project(cls, M: torch.Tensor) -> Toeplitz:
         """Frobenius-optimal fit: each coefficient is the mean of its diagonal."""
         M = as_matrix(M, cls.name)
         return cls._fit_linear(M, cls(*M.shape, dtype=M.dtype, device=M.device))

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from surm.harness import methods
-from surm.harness import runs
+from surm.harness import methods, runs
 from surm.harness.runs import RunRecord, RunSpec
 from surm.harness.threads import torch_threads
 
@@ -85,7 +84,8 @@ def test_deltas_are_merged_weight_changes(executed):
     _, _, model, deltas = executed
     assert len(deltas) == 4 and all(n.endswith(("query.weight", "value.weight")) for n in deltas)
     layer = model.base_model.model.bert.encoder.layer[0].attention.self.query
-    torch.testing.assert_close(deltas["bert.encoder.layer.0.attention.self.query.weight"], layer.get_delta_weight("default"))
+    query = deltas["bert.encoder.layer.0.attention.self.query.weight"]
+    torch.testing.assert_close(query, layer.get_delta_weight("default"))
     assert all(d.abs().sum() > 0 for d in deltas.values())
 
 

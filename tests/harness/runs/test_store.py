@@ -7,9 +7,7 @@ from pathlib import Path
 import pytest
 
 import surm
-from surm.harness.runs import provenance
-from surm.harness.runs import RunSpec
-from surm.harness.runs import Runner, RunStore
+from surm.harness.runs import Runner, RunSpec, RunStore, provenance
 
 SPEC = RunSpec("rotten_tomatoes", "head", model="tiny-bert", train_fraction=0.003, n_eval=16, batch_size=8)
 
