@@ -37,6 +37,7 @@ from torch import nn
 
 from surm import structured
 
+from . import mixed
 from .config import SurmConfig
 from .scaling import update_scale
 
@@ -267,6 +268,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         return self._features_last(self.surm_dropout[adapter](h), update)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            mixed.check_layer_call(self, x, adapter_names)
+            if not self.disable_adapters:
+                return mixed.mixed_forward(self, x, adapter_names, *args, **kwargs)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

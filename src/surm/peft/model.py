@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -18,6 +19,7 @@ from torch import nn
 from surm import structured
 
 from .config import SurmConfig
+from .mixed import adapter_names_hooks
 from .layer import SurmLayer, decode_signature, features, unsupported_reason
 from .targets import PARALLEL_TARGETS, default_targets
 
@@ -33,6 +35,14 @@ class SurmModel(BaseTuner):
     prefix: str = "surm_"
     tuner_layer_cls = SurmLayer
     target_module_mapping = PARALLEL_TARGETS
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """What ``PeftModel.forward`` / ``generate`` enter around the base model's call: passes
+        ``adapter_names`` (one adapter name or ``"__base__"`` per row) to every SURM layer;
+        see :mod:`surm.peft.mixed`."""
+        with adapter_names_hooks(self, kwargs.pop("adapter_names", None), kwargs.get("num_beams")):
+            yield
 
     def _pre_injection_hook(self, model: nn.Module, config: SurmConfig, adapter_name: str) -> None:
         """Remember the model as it was, so that a failed load can restore it exactly."""

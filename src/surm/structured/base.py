@@ -91,6 +91,12 @@ class StructuredMatrix(nn.Module, abc.ABC):
             return self._product_without_tokens(x)
         return self._product(x)
 
+    def functional_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` through plain torch ops only (no custom ``autograd.Function``), so that
+        ``torch.func`` transforms apply: the mixed-adapter path vmaps it over the stacked
+        parameters of several adapters. Same values as :meth:`forward`."""
+        return self.forward(x)
+
     @abc.abstractmethod
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """The fast product; x is already checked and holds at least one token."""

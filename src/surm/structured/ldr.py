@@ -175,6 +175,13 @@ class LDR(StructuredMatrix):
                               self.size, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
+    def functional_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The composed product (torch FFT ops, no custom autograd.Function): vmappable."""
+        self.check_input(x)
+        if x.numel() == 0:
+            return self._product_without_tokens(x)
+        return self._product_composed(x)
+
     def _product_composed(self, x: torch.Tensor) -> torch.Tensor:
         """The product as torch FFT ops differentiated by autograd (what torch.compile traces)."""
         N, m = self.size, self.out_features
