@@ -3,6 +3,7 @@
 from .config import ACTIVATIONS, PLACEMENTS, SURM, SurmConfig
 from .distributed import adapter_tensors, broadcast_adapter_init
 from .layer import SurmLayer
+from .many_adapters import load_adapters
 from .model import SurmModel
 from .recommend import recommended_lr
 from .scaling import SCALINGS, update_scale
@@ -25,6 +26,7 @@ __all__ = [
     "broadcast_adapter_init",
     "default_targets",
     "is_registered",
+    "load_adapters",
     "recommended_lr",
     "register",
     "update_scale",
