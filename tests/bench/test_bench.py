@@ -170,6 +170,8 @@ def test_bench_rejects_an_unknown_method_before_loading_a_model(monkeypatch, cap
     (["--device", "cpu"], "--device and --dtype apply to layers and llm only, not to steps, inference"),
     (["ops", "--dtype", "bfloat16"], "--dtype applies to layers or llm"),
     (["llm", "--device", "gpu0"], "--device 'gpu0': not a torch device"),
+    (["ops", "--counts", "4"], "--counts applies to adapters"),
+    (["adapters", "--counts", "0"], "--counts must be at least 1"),
 ])
 def test_bench_rejects_bad_options(argv, message, capsys):
     assert main(["bench", *argv]) == 2
@@ -191,3 +193,16 @@ def test_bench_parser_imports_nothing_heavy():
     )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert imported.strip() == "[]"
+
+
+def test_bench_adapters_quick_measures_mixed_batches_and_loading(tmp_path):
+    argv = ["bench", "adapters", "--quick", "--counts", "1", "3", "--load-count", "3", "--threads", "1",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "adapters.json").read_text())
+    rows = result["throughput"]
+    assert {(r["adapters"], r["rows"]) for r in rows} == {(1, 16), (3, 16)}
+    assert {"surm circulant q,v", "lora r=8 q,v"} <= {r["method"] for r in rows}
+    assert all(r["prefill_ratio"] > 0 and r["tensor_bytes_per_adapter"] > 0 for r in rows)
+    (load,) = result["loading"]
+    assert load["adapters"] == 3 and load["peft_calls_timed"] == 3 and load["load_adapters_s"] > 0

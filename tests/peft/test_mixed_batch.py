@@ -254,3 +254,27 @@ def test_disabled_adapters_give_the_base_output(two_adapter_mlp):
         layer.enable_adapters(True)
     torch.testing.assert_close(out, layer.base_layer(x))
     assert base.shape == (3, 3)
+
+
+def test_weights_changed_between_calls_are_seen(two_adapter_mlp):
+    """Gathered tensors live for one call only: a second call after an edit uses the new weights."""
+    model, x = two_adapter_mlp
+    adapter_names = ["a", "b", "a"]
+    names_list = list(adapter_names)
+    with torch.no_grad():
+        first = model(x, adapter_names=names_list)
+        for name, p in model.named_parameters():
+            if "surm_matrix.b" in name:
+                p.mul_(-2.0)
+        second = model(x, adapter_names=names_list)
+        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
+    torch.testing.assert_close(second, alone, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(first[1], second[1])
+    layer = model.base_model.model.fc1
+    with torch.no_grad():
+        direct = layer(x, adapter_names=names_list)
+        for name, p in layer.named_parameters():
+            if "surm_matrix.a" in name:
+                p.mul_(3.0)
+        again = layer(x, adapter_names=names_list)
+    assert not torch.allclose(direct[0], again[0])

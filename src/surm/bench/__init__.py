@@ -9,7 +9,9 @@ One module per benchmark:
   inference after ``merge_and_unload``;
 - :mod:`~surm.bench.ops` (``ops``): each structured product against a dense matmul;
 - :mod:`~surm.bench.fused` (``fused``): the fused parallel layer against the plain one, and
-  (``--policy``) the token count where fused starts to win.
+  (``--policy``) the token count where fused starts to win;
+- :mod:`~surm.bench.adapters` (``adapters``): SmolLM2-135M with N adapters, batches whose rows
+  mix them (``adapter_names``) against one adapter, and loading N saved adapters.
 
 :mod:`~surm.bench.peft_comparison` runs the first three together; :mod:`~surm.bench.timing`
 (interleaved rounds), :mod:`~surm.bench.memory` (saved-for-backward bytes, allocation peaks)
@@ -19,7 +21,7 @@ in the same rounds. This module imports nothing, so the command line can read th
 """
 
 #: The benchmarks, in the order ``surm bench`` runs them.
-PARTS = ("layers", "steps", "inference", "ops", "fused", "llm")
+PARTS = ("layers", "steps", "inference", "ops", "fused", "llm", "adapters")
 #: The parts ``surm bench`` runs when none is named: SURM against PEFT's LoRA, C3A, LoKr,
 #: FourierFT and VeRA.
 PEFT_PARTS = ("layers", "steps", "inference")

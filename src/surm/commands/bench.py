@@ -32,6 +32,9 @@ same rounds. Parts:
   fused      the fused parallel SURM layer against the plain one and a LoRA branch
   llm        one layer at SmolLM2-135M's and Llama-2-7B's shapes, 2048 tokens, against LoRA
              r=16: time, overhead over the frozen layer, saved-for-backward bytes
+  adapters   SmolLM2-135M with N adapters: batches whose rows use different adapters
+             (adapter_names) against one adapter, SURM against LoRA r=8; resident memory per
+             adapter; loading N saved adapters (load_adapters against PEFT's load_adapter)
 """
 
 EPILOG = f"""\
@@ -49,6 +52,7 @@ examples:
   surm bench ops --profile ldr:rank=2 --shape 384 1536
   surm bench ops --cost-model --threads 1             # docs/fused_policy.md
   surm bench fused --policy --threads 1 --repeats 7   # docs/fused_policy.md
+  surm bench adapters --threads 1 --clock cpu         # docs/benchmarks.md, many adapters
 """
 
 #: options that only some parts read: dest -> (the parts, the flag as written)
@@ -63,9 +67,13 @@ _PART_OPTIONS = {
     "profile": (("ops",), "--profile"),
     "cost_model": (("ops",), "--cost-model"),
     "policy": (("fused",), "--policy"),
+    "counts": (("adapters",), "--counts"),
+    "prompt_tokens": (("adapters",), "--prompt-tokens"),
+    "new_tokens": (("adapters",), "--new-tokens"),
+    "load_count": (("adapters",), "--load-count"),
 }
 #: interleaved rounds when --repeats is not given
-_DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15}
+_DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15, "adapters": 3}
 #: --dtype choices (names of torch dtypes)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the parts that read --device and --dtype; the others run on the CPU in float32
@@ -113,6 +121,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     fused = p.add_argument_group("fused")
     fused.add_argument("--policy", action="store_true",
                        help="measure fused against plain over token counts (the crossover of prefer_fused) instead")
+    many = p.add_argument_group("adapters")
+    many.add_argument("--counts", type=int, nargs="+", default=None, metavar="N",
+                      help="numbers of distinct adapters in the batch (default: 1 4 16 64 256 1024)")
+    many.add_argument("--prompt-tokens", type=int, default=None, help="tokens per prompt row (default: 4)")
+    many.add_argument("--new-tokens", type=int, default=None, help="greedy tokens generated per row (default: 3)")
+    many.add_argument("--load-count", type=int, default=None,
+                      help="saved adapters loaded in the loading test (default: the largest of --counts)")
     p.set_defaults(func=run)
     return p
 
@@ -131,6 +146,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
     numbers = [("--repeats", args.repeats, 1), ("--threads", args.threads, 1), ("--tokens", args.tokens, 1),
                ("--warmup", args.warmup, 0)]
     numbers += [("--seq-lens", n, 1) for n in args.seq_lens or ()]
+    numbers += [("--counts", n, 1) for n in args.counts or ()]
+    numbers += [("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
+                ("--load-count", args.load_count, 1)]
     numbers += [("--shape", n, 1) for shape in args.shape or () for n in shape]
     for flag, value, least in numbers:
         if value is not None and value < least:
@@ -232,4 +250,11 @@ def run(args: argparse.Namespace) -> int:
         with torch_threads(args.threads):
             fused.run(crossover=args.policy, rounds=args.repeats or _DEFAULT_REPEATS["fused"], out=out,
                       quick=args.quick)
+    if "adapters" in parts:
+        from surm.bench import adapters
+
+        with torch_threads(args.threads):
+            adapters.run(counts=args.counts, prompt_tokens=args.prompt_tokens or 4, new_tokens=args.new_tokens or 3,
+                         repeats=args.repeats or _DEFAULT_REPEATS["adapters"], clock=args.clock, out=out,
+                         quick=args.quick, load_count=args.load_count)
     return 0

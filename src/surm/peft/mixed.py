@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +47,10 @@ def adapter_names_hooks(
     if adapter_names is None:
         yield
         return
-    names = check_adapter_names(tuner, adapter_names)
+    names = RowAdapters(check_adapter_names(tuner, adapter_names))
     per_row = names
     if isinstance(num_beams, int) and num_beams > 1:
-        per_row = [name for name in names for _ in range(num_beams)]
+        per_row = RowAdapters([name for name in names for _ in range(num_beams)])
     handles = _register(tuner.modules(), per_row)
     encoder = _encoder(tuner.model)
     if per_row is not names and encoder is not None:
@@ -117,6 +118,34 @@ def check_layer_call(layer: SurmLayer, x: torch.Tensor, adapter_names: Sequence[
         )
 
 
+class RowAdapters(list):
+    """The per-row adapter names of one ``forward`` / ``generate`` call, as the hooks pass them:
+    a list that also keeps each layer's gathered tensors (:class:`_Group`) for the call, so the
+    decoding steps of ``generate`` gather once. The weights cannot change within one call; a
+    plain list (a direct layer call) is gathered anew every time."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(names)
+        self.plans: dict[nn.Module, list[_Group]] = {}
+
+
+@dataclass
+class _Group:
+    """Adapters of one layer that share a layout, and what their rows need, gathered per row.
+
+    index: (R,) the rows that use them, in batch order; params: ``{"S.<name>": (R, ...)}`` the
+    family's parameters of each row's adapter; alpha: (R,); bias: (R, out) scale * beta of a
+    serial adapter; inner_bias: (R, r) the bottleneck bias c."""
+
+    adapters: list[str]
+    index: torch.Tensor
+    every_row: bool
+    params: dict[str, torch.Tensor]
+    alpha: torch.Tensor
+    bias: torch.Tensor | None = None
+    inner_bias: torch.Tensor | None = None
+
+
 def mixed_forward(
     layer: SurmLayer, x: torch.Tensor, adapter_names: Sequence[str], *args: Any, **kwargs: Any
 ) -> torch.Tensor:
@@ -126,50 +155,62 @@ def mixed_forward(
     x: (B, ..., in) for Linear / Conv1D, (B, in, H, W) for a 1x1 Conv2d; returns the base
     layer's output shape."""
     result = layer.base_layer(x, *args, **kwargs)
-    rows: dict[str, list[int]] = {}
-    for row, name in enumerate(adapter_names):
-        if name in layer.surm_matrix:
-            rows.setdefault(name, []).append(row)
-    if not rows:
-        return result
-    groups: dict[tuple, list[str]] = {}
-    for name in rows:
-        groups.setdefault(_layout(layer, name), []).append(name)
-    parallel = [g for g in groups.values() if layer.surm_placement[g[0]] == "parallel"]
-    serial = [g for g in groups.values() if layer.surm_placement[g[0]] == "serial"]
+    if isinstance(adapter_names, RowAdapters):
+        if layer not in adapter_names.plans:
+            adapter_names.plans[layer] = _plan(layer, adapter_names, x.device)
+        groups = adapter_names.plans[layer]
+    else:
+        groups = _plan(layer, adapter_names, x.device)
     # A row has one adapter, so a serial row's h is the base output: parallel rows first, then
     # serial rows read the same result (their rows are untouched by the parallel updates).
     h = result
-    for adapters in parallel + serial:
-        index, position = _row_index(adapters, rows, x.device)
-        source = x if layer.surm_placement[adapters[0]] == "parallel" else h
-        update = layer._features_last(
-            source.index_select(0, index), lambda v, a=adapters, p=position: _gathered_update(layer, a, p, v)
-        )
-        result = result.index_add(0, index, update.to(result.dtype))
+    for group in groups:
+        source = x if layer.surm_placement[group.adapters[0]] == "parallel" else h
+        rows = source if group.every_row else source.index_select(0, group.index)
+        update = layer._features_last(rows, lambda v, g=group: _update(layer, g, v)).to(result.dtype)
+        result = result + update if group.every_row else result.index_add(0, group.index, update)
     return result
 
 
+def _plan(layer: SurmLayer, adapter_names: Sequence[str], device: torch.device) -> list[_Group]:
+    """The layer's adapters in the batch, grouped by layout, parallel groups first."""
+    present = dict.fromkeys(name for name in adapter_names if name in layer.surm_matrix)
+    by_layout: dict[tuple, list[str]] = {}
+    for name in present:
+        by_layout.setdefault(_layout(layer, name), []).append(name)
+    groups = [_gather(layer, adapters, adapter_names, device) for adapters in by_layout.values()]
+    return sorted(groups, key=lambda g: layer.surm_placement[g.adapters[0]] != "parallel")
+
+
 def _layout(layer: SurmLayer, adapter: str) -> tuple:
-    """What must agree for adapters to share one gathered pass: the tensors' layout (the
-    signature: family, knobs, placement), the activation, the bottleneck form and the dtype."""
+    """What must agree for adapters to share one gathered pass: family, shape, knobs, placement,
+    activation, the bottleneck form and the dtype (what the saved signature records, and more)."""
     S = layer.surm_matrix[adapter]
-    signature = bytes(layer.surm_signature[adapter].tolist())
-    dtype = next(S.parameters()).dtype
-    return signature, layer.surm_activation[adapter], layer.is_bottleneck(adapter), dtype
+    return (type(S), S.shape, repr(S.knobs()), layer.surm_placement[adapter], layer.surm_activation[adapter],
+            layer.is_bottleneck(adapter), next(S.parameters()).dtype)
 
 
-def _row_index(
-    adapters: list[str], rows: dict[str, list[int]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows of the batch that use one of ``adapters``, the position of each row's adapter in
-    ``adapters``), both (R,) int64."""
-    index = [row for a in adapters for row in rows[a]]
-    position = [i for i, a in enumerate(adapters) for _ in rows[a]]
-    return (
-        torch.tensor(index, dtype=torch.long, device=device),
-        torch.tensor(position, dtype=torch.long, device=device),
-    )
+def _gather(layer: SurmLayer, adapters: list[str], adapter_names: Sequence[str], device: torch.device) -> _Group:
+    position_of = {a: i for i, a in enumerate(adapters)}
+    rows = [row for row, name in enumerate(adapter_names) if name in position_of]
+    index = torch.tensor(rows, dtype=torch.long, device=device)
+    position = torch.tensor([position_of[adapter_names[row]] for row in rows], dtype=torch.long, device=device)
+
+    def per_row(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors).index_select(0, position)
+
+    matrices = [layer.surm_matrix[a] for a in adapters]
+    names = [name for name, _ in matrices[0].named_parameters()]
+    params = {f"S.{name}": per_row([S.get_parameter(name) for S in matrices]) for name in names}
+    alpha = torch.tensor([layer.surm_alpha[a] for a in adapters], dtype=torch.float64, device=device)[position]
+    group = _Group(adapters, index, len(rows) == len(adapter_names), params, alpha)
+    if layer.surm_placement[adapters[0]] == "serial":
+        scale = torch.tensor([layer.surm_bias_scale[a] for a in adapters], dtype=torch.float64, device=device)
+        bias = per_row([layer.surm_bias[a] for a in adapters])
+        group.bias = scale[position].to(bias.dtype)[:, None] * bias
+        if layer.is_bottleneck(adapters[0]):
+            group.inner_bias = per_row([layer.surm_inner_bias[a] for a in adapters])
+    return group
 
 
 class _Product(nn.Module):
@@ -183,41 +224,29 @@ class _Product(nn.Module):
         return self.S.functional_forward(v)
 
 
-def _stacked(tensors: list[torch.Tensor], position: torch.Tensor) -> torch.Tensor:
-    """(R, ...) the tensor of each row's adapter."""
-    return torch.stack(tensors).index_select(0, position)
+def _update(layer: SurmLayer, group: _Group, v: torch.Tensor) -> torch.Tensor:
+    """Each row's update through its own adapter, all rows in one vmapped product: parallel
+    ``alpha S v``, serial ``act(alpha S v) + beta`` or the bottleneck ``alpha B act(A v + c) + beta``.
 
-
-def _gathered_update(layer: SurmLayer, adapters: list[str], position: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The update of each row through its own adapter, all rows in one vmapped product.
-
-    v: (R, ..., features) features last; position: (R,) index into ``adapters``."""
+    v: (R, ..., features), features last."""
     from .layer import _ACTIVATIONS
 
-    first = adapters[0]
-    S0 = layer.surm_matrix[first]
-    param_names = [name for name, _ in S0.named_parameters()]
-    params = {
-        f"S.{name}": _stacked([layer.surm_matrix[a].get_parameter(name) for a in adapters], position)
-        for name in param_names
-    }
-    alpha = torch.tensor([layer.surm_alpha[a] for a in adapters], dtype=v.dtype, device=v.device)[position]
-    alpha = alpha.reshape(-1, *([1] * (v.dim() - 1)))
-    if layer.surm_placement[first] == "parallel":
-        product = _Product(S0)
-        return alpha * vmap(lambda p, row: functional_call(product, p, (row,)))(params, v)
+    first = group.adapters[0]
+    alpha = group.alpha.to(v.dtype).reshape(-1, *([1] * (v.dim() - 1)))
+    if group.bias is None:
+        return alpha * _vmapped(layer.surm_matrix[first], group.params, v)
     act = _ACTIVATIONS[layer.surm_activation[first]]
-    scale = torch.tensor([layer.surm_bias_scale[a] for a in adapters], dtype=v.dtype, device=v.device)[position]
-    bias = _stacked([layer.surm_bias[a] for a in adapters], position)  # (R, out)
-    beta = (scale[:, None] * bias).reshape(bias.shape[0], *([1] * (v.dim() - 2)), bias.shape[-1])
-    if layer.is_bottleneck(first):
-        A, B = params["S.A"], params["S.B"]  # (R, r, n), (R, m, r)
-        c = _stacked([layer.surm_inner_bias[a] for a in adapters], position)  # (R, r)
-        shape = v.shape
-        flat = v.to(A.dtype).reshape(shape[0], -1, shape[-1])  # (R, T, n)
-        inner = act(torch.bmm(flat, A.transpose(1, 2)) + c[:, None, :])
-        out = torch.bmm(inner, B.transpose(1, 2)).reshape(*shape[:-1], B.shape[1])
+    beta = group.bias.reshape(group.bias.shape[0], *([1] * (v.dim() - 2)), group.bias.shape[-1])
+    if group.inner_bias is not None:
+        A, B = group.params["S.A"], group.params["S.B"]  # (R, r, n), (R, m, r)
+        flat = v.to(A.dtype).reshape(v.shape[0], -1, v.shape[-1])  # (R, T, n)
+        inner = act(torch.bmm(flat, A.transpose(1, 2)) + group.inner_bias[:, None, :])
+        out = torch.bmm(inner, B.transpose(1, 2)).reshape(*v.shape[:-1], B.shape[1])
         return alpha.to(out.dtype) * out + beta
-    product = _Product(S0)
-    raw = vmap(lambda p, row: functional_call(product, p, (row,)))(params, v)
-    return act(alpha * raw).to(beta.dtype) + beta
+    return act(alpha * _vmapped(layer.surm_matrix[first], group.params, v)).to(beta.dtype) + beta
+
+
+def _vmapped(S: nn.Module, params: dict[str, torch.Tensor], v: torch.Tensor) -> torch.Tensor:
+    """S's product of each row of v with that row's parameters: (R, ..., n) -> (R, ..., m)."""
+    product = _Product(S)
+    return vmap(lambda p, row: functional_call(product, p, (row,)))(params, v)
