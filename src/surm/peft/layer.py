@@ -37,7 +37,7 @@ from torch import nn
 
 from surm import structured
 
-from . import mixed
+from . import mixed, quantized
 from .config import SurmConfig
 from .scaling import update_scale
 
@@ -180,6 +180,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._merge_snapshot: Optional[dict[str, Any]] = None
+        #: after a merge into a quantized weight: its rounding against the exact merge
+        self.merge_rounding: quantized.Rounding | None = None
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, knobs, structure=structure)
 
@@ -196,10 +198,10 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         """Add adapter ``adapter_name``: a ``structure`` matrix (default: ``config.structure``;
         the tuner passes the module's own, ``config.structure_for(name)``) with ``knobs``."""
         weight = self.get_base_layer().weight
-        # The adapter takes the base weight's floating dtype. PEFT then raises half precision to
-        # float32 unless get_peft_model(..., autocast_adapter_dtype=False); either way the FFTs
-        # run in a float32 island.
-        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        # The adapter takes the base weight's floating dtype (for a quantized weight: the dtype it
+        # stands for). PEFT then raises half precision to float32 unless get_peft_model(...,
+        # autocast_adapter_dtype=False); either way the FFTs run in a float32 island.
+        dtype = quantized.float_dtype(self.get_base_layer())
         device = weight.device if weight.device.type != "meta" else None
         m, n = self.adapter_shape(config.placement)
         self.surm_matrix[adapter_name] = structured.make(
@@ -237,10 +239,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def _can_fuse(self, adapter: str) -> bool:
         """The fused path needs S to see the same input as W0 (no active dropout) and a plain
-        (out, in) weight: Linear or Conv1D, not quantised."""
+        (out, in) weight: Linear or Conv1D with a plain float weight (not quantized, no tensor
+        subclass); a quantized layer runs its own matmul and the adapter is added beside it."""
         dropout_active = self.training and isinstance(self.surm_dropout[adapter], nn.Dropout)
         weight = self.get_base_layer().weight
-        return self.kind in ("linear", "conv1d") and not dropout_active and weight.is_floating_point()
+        return self.kind in ("linear", "conv1d") and not dropout_active and quantized.is_plain_dense(weight)
 
     def _parallel_update(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """alpha * S(dropout(x)) along the feature axis."""
@@ -301,12 +304,13 @@ class SurmLayer(nn.Module, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """alpha * S.dense() of a parallel adapter in the base weight's dtype and layout, as
         PEFT expects (``weight + delta`` is the merged weight): (out, in) for Linear, (in, out)
-        for Conv1D, (out, in, 1, 1) for a 1x1 Conv2d."""
+        for Conv1D, (out, in, 1, 1) for a 1x1 Conv2d; in the floating dtype a quantized weight
+        stands for (see :func:`.quantized.float_dtype`)."""
         if self.surm_placement[adapter] != "parallel":
             raise ValueError(f"surm: adapter {adapter!r} is serial; it has no additive delta weight")
         delta = self.surm_alpha[adapter] * self.surm_matrix[adapter].dense()
         delta = delta if self.kind == "linear" else (delta.T if self.kind == "conv1d" else delta[:, :, None, None])
-        return delta.to(self.get_base_layer().weight.dtype)
+        return delta.to(quantized.float_dtype(self.get_base_layer()))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge adapters into the base weight: parallel ``W += alpha S``; serial (identity
@@ -314,10 +318,19 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         where ``W_h, b_h`` is the base plus every merged parallel adapter: serial adapters are
         summed, not chained, so merging them one call at a time or all in one call gives the
         same weights. In a layer with a mergeable serial adapter every merge is recomputed from
-        the original weights, saved at the first merge, which :meth:`unmerge` restores exactly."""
+        the original weights, saved at the first merge, which :meth:`unmerge` restores exactly.
+
+        A quantized base weight (see :mod:`.quantized`) is dequantized, merged as above and
+        requantized in its own format, always from the saved original: the rounding against the
+        exact merge is reported (a :class:`.quantized.QuantizedMergeWarning`, and
+        ``merge_rounding``) and :meth:`unmerge` puts the original quantized weight back. Formats
+        that cannot be requantized (torchao) are refused before anything changes."""
         names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.surm_matrix]
         if not names:
             return
+        problem = quantized.merge_problem(self.get_base_layer())
+        if problem:
+            raise ValueError(f"surm: cannot merge into this {type(self.get_base_layer()).__name__}: {problem}.")
         for a in names:
             if self.surm_placement[a] == "serial" and self.surm_activation[a] != "identity":
                 raise ValueError(
@@ -325,7 +338,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
                     f"not linear, so h + act(S h) + beta is not a linear layer. Only serial adapters with "
                     f"activation='identity' merge; keep this one unmerged (or use placement='parallel')."
                 )
-        if self._merge_snapshot is None and not self._has_mergeable_serial():
+        dense = quantized.weight_format(self.get_base_layer()) == "dense"
+        if self._merge_snapshot is None and not self._has_mergeable_serial() and dense:
             self._merge_parallel(names, safe_merge)
         else:
             self._merge_from_snapshot(names, safe_merge)
@@ -353,19 +367,26 @@ class SurmLayer(nn.Module, BaseTunerLayer):
 
     def _merge_from_snapshot(self, names: list[str], safe_merge: bool) -> None:
         """Serial merges: rebuild W and b from the saved pre-serial weights and every adapter
-        merged since, so the result does not depend on how the merges were grouped."""
+        merged since, so the result does not depend on how the merges were grouped. Quantized
+        weights come here for parallel merges too: the saved original is the quantized weight
+        object itself (:class:`.quantized.Saved`), dequantized for each merge."""
         base = self.get_base_layer()
+        dense = quantized.weight_format(base) == "dense"
         snap = self._merge_snapshot or {
             "names": [],
-            "weight": base.weight.data.clone(),
+            "weight": base.weight.data.clone() if dense else quantized.save(base),
             "bias": None if base.bias is None else base.bias.data.clone(),
         }
         merged = snap["names"] + names
-        W0 = _like(snap["weight"], base.weight)
+        if dense:
+            W0 = _weight_matrix(self.kind, _like(snap["weight"], base.weight))
+        else:
+            W0 = quantized.dequantized(base, torch.float32, saved=snap["weight"])
         compute = torch.promote_types(W0.dtype, torch.float32)
+        float_ref = base.weight if dense else W0
         m = self.out_features
-        W_h = _weight_matrix(self.kind, W0).to(compute)
-        b_h = _like(snap["bias"], base.weight).to(compute) if snap["bias"] is not None else W_h.new_zeros(m)
+        W_h = W0.to(compute)
+        b_h = _like(snap["bias"], float_ref).to(compute) if snap["bias"] is not None else W_h.new_zeros(m)
         serial = []
         for a in (a for a in self.surm_matrix if a in merged):  # a fixed order: any grouping, same sums
             if self.surm_placement[a] == "parallel":
@@ -383,10 +404,15 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             self._check_finite(names, new_W, new_b)
         self._merge_snapshot = {**snap, "names": merged}
         if base.bias is None:
-            base.bias = nn.Parameter(new_b.to(base.weight.dtype), requires_grad=False)
+            base.bias = nn.Parameter(new_b.to(quantized.float_dtype(base)), requires_grad=False)
         else:
             base.bias.data = new_b.to(base.bias.dtype)
-        set_matrix(base, new_W)
+        if dense:
+            set_matrix(base, new_W)
+            return
+        quantized.requantize(base, new_W)
+        self.merge_rounding = quantized.rounding(base, new_W, new_W - W0)
+        quantized.report(self, self.merge_rounding)
 
     def _check_finite(self, names: list[str], *merged: torch.Tensor) -> None:
         """PEFT's safe-merge error (same wording as LoRA's), naming the broken adapter."""
@@ -421,7 +447,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         if self._merge_snapshot is not None:
             snap, self._merge_snapshot = self._merge_snapshot, None
-            base.weight.data = _like(snap["weight"], base.weight)
+            if isinstance(snap["weight"], quantized.Saved):
+                quantized.restore(base, snap["weight"])
+                self.merge_rounding = None
+            else:
+                base.weight.data = _like(snap["weight"], base.weight)
             if snap["bias"] is None:
                 base.bias = None
             else:

@@ -18,6 +18,7 @@ from torch import nn
 
 from surm import structured
 
+from . import quantized
 from .config import SurmConfig
 from .mixed import adapter_names_hooks
 from .layer import SurmLayer, decode_signature, features, unsupported_reason
@@ -78,6 +79,13 @@ class SurmModel(BaseTuner):
                     f"surm: cannot adapt {key}: its structure is {structure!r} but knob_pattern gives it "
                     f"{', '.join(foreign)} (knobs of {structure}: {', '.join(accepted) or 'none'}). Make the "
                     f"knob_pattern key that matches {key} fit its structure, or give the module its own key."
+                )
+            fmt = quantized.weight_format(base)
+            if peft_config.fused and peft_config.placement == "parallel" and fmt != "dense":
+                raise ValueError(
+                    f"surm: cannot adapt {key} with fused=True: its weight is {fmt} ({type(base.weight).__name__}), "
+                    f"and the fused path builds W0 + alpha S from a plain float weight. Leave fused=None (the "
+                    f"default): on a quantized layer the adapter runs beside the layer's own matmul."
                 )
             try:
                 structured.make(structure, m, n, device="meta", **knobs)
@@ -151,6 +159,30 @@ class SurmModel(BaseTuner):
                 f"base model or with other knobs?"
             )
         return _with_signatures(remapped, own, adapter_name, needs_prefix, prefix)
+
+    def _check_merge_allowed(self) -> None:
+        """PEFT's checks, then every SURM layer's: a layer whose quantized weight cannot take a
+        merge (torchao) refuses before any layer is merged, so the model stays as it was."""
+        super()._check_merge_allowed()
+        for name, module in self.model.named_modules():
+            if isinstance(module, SurmLayer) and module.surm_matrix:
+                problem = quantized.merge_problem(module.get_base_layer())
+                if problem:
+                    raise ValueError(f"surm: cannot merge into {name}: {problem}.")
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """PEFT's merge; merges into quantized weights are reported in one warning for the model."""
+        with quantized.collected(self._layer_names()):
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(self, merge: bool = True, *args: Any, **kwargs: Any) -> nn.Module:
+        """PEFT's unload (``merge_and_unload``, ``unload``); rounding of merges into quantized weights
+        is reported in one warning for the model."""
+        with quantized.collected(self._layer_names()):
+            return super()._unload_and_optionally_merge(merge, *args, **kwargs)
+
+    def _layer_names(self) -> dict[int, str]:
+        return {id(m): name for name, m in self.model.named_modules() if isinstance(m, SurmLayer)}
 
     def supports_lora_conversion(self, adapter_name: str | None = None) -> bool:
         """Whether PEFT's ``convert_to_lora`` can export ``adapter_name`` (default: the active
