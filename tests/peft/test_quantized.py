@@ -279,3 +279,22 @@ def test_adapter_saved_on_one_base_loads_on_the_other(direction, tmp_path):
         S = loaded.base_model.model.proj.surm_matrix["default"]
         expected = torch.nn.functional.linear(x, S.dense())
     torch.testing.assert_close(adapted - frozen, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_mixed_batch_on_a_quantized_base_matches_each_adapter_alone(fmt):
+    model = get_peft_model(Net(quantize(fmt, dense_linear())), config("circulant", "parallel"))
+    model.add_adapter("b", config("toeplitz", "serial"))
+    randomize(model)
+    model.eval()
+    x = torch.randn(3, IN)
+    with torch.no_grad():
+        mixed = model(x, adapter_names=["default", "b", "__base__"])
+        alone = []
+        for name in ("default", "b"):
+            model.set_adapter(name)
+            alone.append(model(x))
+        with model.disable_adapter():
+            alone.append(model(x))
+    for row, expected in enumerate(alone):
+        torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-5)
