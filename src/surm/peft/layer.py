@@ -138,8 +138,30 @@ def encode_signature(signature: dict[str, Any], device: Optional[torch.device] =
     return torch.tensor(list(data), dtype=torch.uint8, device=device)
 
 
-def decode_signature(tensor: torch.Tensor) -> dict[str, Any]:
-    return json.loads(bytes(tensor.cpu().tolist()).decode())
+class DamagedSignatureError(ValueError):
+    """A saved ``surm_signature`` tensor that is not the uint8 JSON text surm writes."""
+
+
+def decode_signature(tensor: torch.Tensor, key: str = "surm_signature") -> dict[str, Any]:
+    """The signature dict of a uint8 (L,) tensor of JSON text. Anything else (another dtype,
+    as left by a tool that cast every tensor, or bytes that are not JSON) raises
+    :class:`DamagedSignatureError` naming ``key`` and the repair."""
+    fix = (
+        f"the adapter file is damaged or was converted by a tool that cast every tensor (e.g. "
+        f"{{k: v.half() for k, v in sd.items()}}). Repair it by casting only floating-point tensors "
+        f"(leave the uint8 signatures as saved), or delete the '{key}' entries to load without the check."
+    )
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
+        is_tensor = isinstance(tensor, torch.Tensor)
+        got = f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}" if is_tensor else type(tensor).__name__
+        raise DamagedSignatureError(f"surm: {key} is a {got}, not a uint8 vector: {fix}")
+    try:
+        signature = json.loads(bytes(tensor.cpu().tolist()).decode())
+    except (UnicodeDecodeError, ValueError):
+        raise DamagedSignatureError(f"surm: {key} does not hold JSON text: {fix}") from None
+    if not isinstance(signature, dict) or not {"structure", "placement"} <= set(signature):
+        raise DamagedSignatureError(f"surm: {key} is not a SURM signature: {fix}")
+    return signature
 
 
 class SurmLayer(nn.Module, BaseTunerLayer):

@@ -111,7 +111,7 @@ def _copy_tensors(name: str, saved: dict[str, torch.Tensor], layers: dict[str, S
                 own[f"{prefix}{key}.{store}"] = getattr(layer, store)[name]
         signature = f"{prefix}{key}.surm_signature"
         if signature in saved:
-            built, found = decode_signature(own[signature]), decode_signature(saved[signature])
+            built, found = decode_signature(own[signature], signature), decode_signature(saved[signature], signature)
             if built != found:
                 raise ValueError(f"load_adapters: {folder}: the tensors of {key} were saved as {found}, but "
                                  f"adapter_config.json builds {built}; the config does not describe these weights")

@@ -134,7 +134,12 @@ class SurmModel(BaseTuner):
         ]
         for ckpt_key, key, model_key in pairs:  # what the tensors are, before their shapes
             if ckpt_key.endswith(".surm_signature") and model_key in own:
-                saved, built = decode_signature(remapped[key]), decode_signature(own[model_key])
+                try:
+                    saved = decode_signature(remapped[key], ckpt_key)
+                except ValueError:
+                    _remove_adapter(model, adapter_name)
+                    raise
+                built = decode_signature(own[model_key], model_key)
                 if saved != built:
                     _remove_adapter(model, adapter_name)
                     module = ckpt_key.removeprefix(prefix).removesuffix(".surm_signature")
