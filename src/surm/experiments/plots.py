@@ -19,11 +19,12 @@ __all__ = ["accuracy_vs_params", "count", "dodge", "log_axis", "method_styles", 
 
 FAMILY_COLOURS = {
     "full": "black", "head": "0.55", "bitfit": "saddlebrown", "lora": "tab:blue", "houlsby": "tab:purple",
-    "pfeiffer": "orchid", "c3a": "tab:olive",
+    "pfeiffer": "orchid", "c3a": "tab:olive", "lokr": "tab:brown", "fourierft": "tab:pink", "vera": "slateblue",
     "circulant": "tab:red", "skew_circulant": "tab:orange", "toeplitz": "tab:green",
     "symmetric_toeplitz": "tab:cyan", "kronecker": "goldenrod", "ldr": "navy", "low_rank": "teal",
 }
-KIND_MARKERS = {"full": "*", "head": "X", "bitfit": "P", "lora": "s", "houlsby": "^", "pfeiffer": "v", "c3a": "h"}
+KIND_MARKERS = {"full": "*", "head": "X", "bitfit": "P", "lora": "s", "houlsby": "^", "pfeiffer": "v", "c3a": "h",
+                "lokr": "p", "fourierft": "d", "vera": ">"}
 SURM_MARKERS = {"parallel": "o", "serial": "D"}
 #: kinds drawn as horizontal reference lines (with their line style) by :func:`accuracy_vs_params`
 REFERENCE_LINES = {"head": ":", "full": "--"}
