@@ -215,10 +215,13 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         return self.out_features, self.in_features
 
     def update_layer(
-        self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any], structure: Optional[str] = None
+        self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any], structure: Optional[str] = None,
+        reactivate: bool = True,
     ) -> None:
         """Add adapter ``adapter_name``: a ``structure`` matrix (default: ``config.structure``;
-        the tuner passes the module's own, ``config.structure_for(name)``) with ``knobs``."""
+        the tuner passes the module's own, ``config.structure_for(name)``) with ``knobs``.
+        ``reactivate=False`` sets only the new adapter's ``requires_grad`` instead of calling
+        ``set_adapter`` over every adapter of the layer (loading many adapters stays linear)."""
         weight = self.get_base_layer().weight
         # The adapter takes the base weight's floating dtype (for a quantized weight: the dtype it
         # stands for). PEFT then raises half precision to float32 unless get_peft_model(...,
@@ -246,7 +249,12 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_signature[adapter_name] = encode_signature(
             adapter_signature(self.surm_matrix[adapter_name], config.placement), device
         )
-        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        if reactivate:
+            self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+        else:
+            trainable = adapter_name in self.active_adapters and not config.inference_mode
+            for tensor in self._adapter_tensors(adapter_name):
+                tensor.requires_grad_(trainable)
 
     def is_bottleneck(self, adapter: str) -> bool:
         """A serial low-rank adapter: the Houlsby/Pfeiffer bottleneck form."""

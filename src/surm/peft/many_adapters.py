@@ -90,7 +90,8 @@ def _load_into_layers(
     try:
         for key, layer in layers.items():
             try:
-                layer.update_layer(name, config, config.knobs_for(key), structure=config.structure_for(key))
+                layer.update_layer(name, config, config.knobs_for(key), structure=config.structure_for(key),
+                                   reactivate=False)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"load_adapters: {folder}: cannot build adapter {name!r} on {key}: {err}") from err
         _copy_tensors(name, saved, layers, folder)
