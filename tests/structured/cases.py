@@ -15,12 +15,14 @@ def knob_settings(name, m, n):
             if m % b == 0 and n % b == 0:
                 settings.append({"block_size": b})
         return settings
+    # only knobs the shape can use: larger ones are refused (tests/peft/test_hostile_knobs.py)
     if name == "kronecker":
-        return [{}, {"terms": 2}]
+        (a1, a2), (b1, b2) = structured.make(name, m, n, device="meta").factors
+        return [{}, {"terms": 2}] if min(a1 * a2, b1 * b2) >= 2 else [{}]
     if name == "ldr":
-        return [{"rank": 1}, {"rank": 3}]
+        return [{"rank": 1}, {"rank": 3}] if max(m, n) >= 3 else [{"rank": 1}]
     if name == "low_rank":
-        return [{"rank": 1}, {"rank": 3}]
+        return [{"rank": 1}, {"rank": 3}] if min(m, n) >= 3 else [{"rank": 1}]
     return [{}]
 
 

@@ -56,7 +56,7 @@ def test_projecting_a_block_circulant_returns_it():
     torch.testing.assert_close(P.dense().detach(), member)
 
 
-@pytest.mark.parametrize("m,n,rank", [(8, 6, 1), (8, 6, 3), (5, 9, 5), (4, 4, 6)])
+@pytest.mark.parametrize("m,n,rank", [(8, 6, 1), (8, 6, 3), (5, 9, 5), (4, 4, 4)])
 def test_low_rank_projection_is_eckart_young(m, n, rank):
     M = torch.randn(m, n, dtype=F64)
     P = structured.LowRank.project(M, rank=rank)

@@ -18,10 +18,13 @@ def family_shape_knobs(draw):
     if name in ("circulant", "skew_circulant", "circulant_product", "skew_circulant_product") and draw(st.booleans()):
         common = [b for b in range(1, min(m, n) + 1) if m % b == 0 and n % b == 0]
         knobs["block_size"] = draw(st.sampled_from(common))
-    elif name == "kronecker":
-        knobs["terms"] = draw(st.integers(1, 3))
-    elif name in ("ldr", "low_rank"):
-        knobs["rank"] = draw(st.integers(1, 4))
+    elif name == "kronecker":  # knobs the shape can use (larger ones are refused)
+        (a1, a2), (b1, b2) = structured.make(name, m, n, device="meta").factors
+        knobs["terms"] = draw(st.integers(1, min(3, a1 * a2, b1 * b2)))
+    elif name == "ldr":
+        knobs["rank"] = draw(st.integers(1, min(4, max(m, n))))
+    elif name == "low_rank":
+        knobs["rank"] = draw(st.integers(1, min(4, m, n)))
     batch = draw(st.lists(st.integers(1, 3), max_size=2))
     return name, m, n, knobs, tuple(batch)
 

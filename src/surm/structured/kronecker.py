@@ -95,6 +95,11 @@ class Kronecker(StructuredMatrix):
         self.factors = auto_factors(m, n) if factors is None else _check_factors(factors, m, n)
         self.terms = check_positive_int(terms, "terms", self.name)
         (a1, a2), (b1, b2) = self.factors
+        if self.terms > min(a1 * a2, b1 * b2):  # before allocating anything
+            raise ValueError(
+                f"{self.name}: terms={self.terms} is above the Kronecker rank an {m}x{n} matrix with factors "
+                f"{self.factors} can have (min({a1 * a2}, {b1 * b2})). Use terms <= {min(a1 * a2, b1 * b2)}."
+            )
         self.A = nn.Parameter(torch.empty(self.terms, a1, a2, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.empty(self.terms, b1, b2, dtype=dtype, device=device))
         self.reset_parameters()

@@ -133,6 +133,12 @@ class LDR(StructuredMatrix):
         super().__init__(out_features, in_features, init=init)
         self.rank = check_positive_int(rank, "rank", self.name)
         self.size = max(self.out_features, self.in_features)
+        if self.rank > self.size:  # checked before allocating: a hostile rank costs no memory
+            raise ValueError(
+                f"{self.name}: rank={self.rank} is above what a {self.out_features}x{self.in_features} matrix "
+                f"can use: every {self.size}x{self.size} matrix has displacement rank <= {self.size}. "
+                f"Use rank <= {self.size}."
+            )
         self.G = nn.Parameter(torch.empty(self.rank, self.size, dtype=dtype, device=device))
         self.H = nn.Parameter(torch.empty(self.rank, self.size, dtype=dtype, device=device))
         self.reset_parameters()

@@ -15,7 +15,8 @@ from .base import StructuredMatrix, as_matrix, check_positive_int
 
 
 class LowRank(StructuredMatrix):
-    """``B @ A`` with knob ``rank`` (r >= 1). Parameters ``A (r, n)`` and ``B (m, r)``."""
+    """``B @ A`` with knob ``rank`` (1 <= r <= min(m, n); default 8, also kept on narrower
+    layers). Parameters ``A (r, n)`` and ``B (m, r)``."""
 
     name = "low_rank"
 
@@ -24,13 +25,20 @@ class LowRank(StructuredMatrix):
         out_features: int,
         in_features: int,
         *,
-        rank: int = 8,
+        rank: int | None = None,
         init: str = "zero",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(out_features, in_features, init=init)
-        self.rank = check_positive_int(rank, "rank", self.name)
+        # the default (8) stays allowed on narrower layers, as it always was; an explicit rank above
+        # min(m, n) buys nothing, and is refused before allocating (a hostile rank costs no memory)
+        self.rank = 8 if rank is None else check_positive_int(rank, "rank", self.name)
+        if rank is not None and self.rank > min(self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.name}: rank={self.rank} is above the rank a {self.out_features}x{self.in_features} "
+                f"matrix can have. Use rank <= {min(self.out_features, self.in_features)}."
+            )
         self.A = nn.Parameter(torch.empty(self.rank, self.in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.empty(self.out_features, self.rank, dtype=dtype, device=device))
         self.reset_parameters()
@@ -91,9 +99,10 @@ class LowRank(StructuredMatrix):
         return dA.to(self.A.dtype), dB.to(self.B.dtype)
 
     @classmethod
-    def project(cls, M: torch.Tensor, *, rank: int = 8) -> LowRank:
+    def project(cls, M: torch.Tensor, *, rank: int | None = None) -> LowRank:
         """Frobenius-optimal rank-r fit (Eckart-Young): the truncated SVD, singular values split
-        evenly between B and A. A rank above min(m, n) is padded with zero columns."""
+        evenly between B and A. The default rank (8) above min(m, n) is padded with zero columns;
+        an explicit rank above min(m, n) is refused."""
         M = as_matrix(M, cls.name)
         inst = cls(*M.shape, rank=rank, dtype=M.dtype, device=M.device)
         U, s, Vh = torch.linalg.svd(M, full_matrices=False)
