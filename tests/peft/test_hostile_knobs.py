@@ -70,3 +70,9 @@ def test_edited_config_with_huge_rank_costs_no_memory():
     grew_kb = int(out.split("GREW_KB ")[1].split()[0])
     assert grew_kb < 100 * 1024, f"peak RSS grew {grew_kb} KB"
     assert "PLAIN True" in out
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_inference_mode_that_is_not_a_bool_is_refused(value):
+    with pytest.raises((TypeError, ValueError), match="inference_mode"):
+        surm.SurmConfig(target_modules=["fc1"], inference_mode=value)

@@ -256,6 +256,7 @@ class SurmConfig(PeftConfig):
         _expect(self.activation, "activation", _is_str, f"a string, one of {ACTIVATIONS}")
         _expect(self.init, "init", _is_str, f"a string, one of {structured.INIT_MODES}")
         _expect(self.bias, "bias", _is_str, f"a string, one of {BIAS_MODES}")
+        _expect(self.inference_mode, "inference_mode", lambda v: isinstance(v, bool), "True or False")
         _expect(self.alpha, "alpha", _is_real, "a finite number, e.g. alpha=1.0")
         if not math.isfinite(self.alpha):
             raise ValueError(f"SurmConfig: alpha must be a finite number, got {self.alpha!r}")
