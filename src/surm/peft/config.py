@@ -21,6 +21,15 @@ ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 BIAS_MODES = ("none", "all", "surm_only")
 
 
+#: LoRA keywords people carry over, and SURM's knob for the same thing
+_LORA_KEYWORDS = {
+    "r": "the size of a SURM update is set by structure= and its knobs: block_size= (circulant, "
+    "skew_circulant), rank= (ldr, low_rank), factors=/terms= (kronecker)",
+    "lora_alpha": "SURM's multiplier is alpha= (with scaling='width' by default, so alpha=1 fits every width)",
+    "lora_dropout": "SURM's input dropout is dropout=",
+}
+
+
 class SurmPeftType(str):
     """The PEFT type tag of SURM configs: compares, hashes and serialises as ``"SURM"``, and has
     ``.value`` like the members of ``peft.PeftType`` (which has no SURM member to extend)."""
@@ -181,6 +190,13 @@ class SurmConfig(PeftConfig):
     )
     bias: str = field(default="none", metadata={"help": f"Which biases train: one of {BIAS_MODES}."})
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # LoRA's keywords would otherwise end in a bare "unexpected keyword argument"
+        for key in kwargs:
+            if key in _LORA_KEYWORDS:
+                raise TypeError(f"SurmConfig has no {key!r} (a LoRA keyword): {_LORA_KEYWORDS[key]}")
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = SURM
@@ -196,6 +212,12 @@ class SurmConfig(PeftConfig):
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"SurmConfig: activation must be one of {ACTIVATIONS} (each maps 0 to 0), got {self.activation!r}"
+            )
+        # "gelu" is the field's default and "identity" is what a parallel update does anyway
+        if self.placement == "parallel" and self.activation not in ("gelu", "identity"):
+            raise ValueError(
+                f"SurmConfig: activation={self.activation!r} only applies to placement='serial' (the parallel "
+                f"update alpha*S x has no activation); drop activation or set placement='serial'"
             )
         if self.init not in structured.INIT_MODES:
             raise ValueError(f"SurmConfig: init must be one of {structured.INIT_MODES}, got {self.init!r}")
