@@ -213,7 +213,7 @@ def matched_targets(config: SurmConfig, model: nn.Module) -> list[tuple[str, nn.
     adapter layers are skipped. Raises ValueError when nothing matches (naming the layers that
     exist, or the filters that removed every match) and TypeError for a layer SURM cannot
     adapt."""
-    _maybe_include_all_linear_layers(config, model)
+    _include_all_linear_layers(config, model)
     modules = list(model.named_modules())
     wrapped = tuple(k + "." for k, m in modules if k and isinstance(m, BaseTunerLayer))
     matched, candidates = [], []
@@ -239,6 +239,24 @@ def matched_targets(config: SurmConfig, model: nn.Module) -> list[tuple[str, nn.
         if reason:
             raise TypeError(f"surm: cannot adapt {key}: {reason}. Leave it out of target_modules.")
     return matched
+
+
+def _include_all_linear_layers(config: SurmConfig, model: nn.Module) -> None:
+    """PEFT's ``all-linear`` expansion, plus the Linear/Conv1D layers already wrapped by a SURM
+    adapter (PEFT recognises wrapped layers by a class name containing "Linear", which
+    :class:`SurmLayer` does not have, so a second adapter would otherwise match nothing)."""
+    target = config.target_modules
+    if not (isinstance(target, str) and target.lower() == "all-linear"):
+        return
+    _maybe_include_all_linear_layers(config, model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in model.named_modules():
+        if isinstance(module, SurmLayer) and module is not head:
+            base = module.get_base_layer()
+            if base is not head and isinstance(base, (nn.Linear, Conv1D)):
+                config.target_modules.add(name)
 
 
 def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
