@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import (
@@ -20,8 +21,8 @@ from surm import structured
 
 from . import quantized
 from .config import SurmConfig
-from .mixed import adapter_names_hooks
 from .layer import SurmLayer, decode_signature, features, unsupported_reason
+from .mixed import adapter_names_hooks
 from .targets import PARALLEL_TARGETS, default_targets
 
 
