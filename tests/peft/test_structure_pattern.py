@@ -216,3 +216,18 @@ def test_every_field_is_documented_in_the_docstring_the_help_and_the_method_page
         assert f"        {f.name} (`" in surm.SurmConfig.__doc__, f.name
         assert f.metadata.get("help"), f.name
         assert re.search(rf"^\| [^|]*`{f.name}`[^|]*\| `", page, re.MULTILINE), f.name  # a row of the field table
+
+
+@pytest.mark.parametrize("field, value", [
+    ("knob_pattern", {"fc3": {"block_size": 2}}),
+    ("structure_pattern", {"fc9": "toeplitz"}),
+])
+def test_a_pattern_key_that_matches_no_target_is_refused(field, value):
+    from .tiny_models import mlp
+
+    base, _, _ = mlp()
+    before = [type(m) for m in base.modules()]
+    config = surm.SurmConfig(structure="circulant", target_modules=["fc1", "fc2"], **{field: value})
+    with pytest.raises(ValueError, match=f"{field} key '{next(iter(value))}' matches none of the 2 targeted"):
+        peft.get_peft_model(base, config)
+    assert [type(m) for m in base.modules()] == before

@@ -68,8 +68,11 @@ class SurmModel(BaseTuner):
 
     def _prepare_model(self, peft_config: SurmConfig, model: nn.Module) -> None:
         """Check every target before any layer is replaced, so a bad config changes nothing:
-        each target's structure (``structure_pattern``) must take its knobs and fit its shape."""
-        for key, base in matched_targets(peft_config, model):
+        each target's structure (``structure_pattern``) must take its knobs and fit its shape,
+        and every ``knob_pattern`` / ``structure_pattern`` key must match a target."""
+        targets = matched_targets(peft_config, model)
+        _check_patterns_match(peft_config, [key for key, _ in targets])
+        for key, base in targets:
             n_in, n_out = features(base)
             m, n = (n_out, n_out) if peft_config.placement == "serial" else (n_out, n_in)
             structure, knobs = peft_config.structure_for(key), peft_config.knobs_for(key)
@@ -258,6 +261,22 @@ def _include_all_linear_layers(config: SurmConfig, model: nn.Module) -> None:
             base = module.get_base_layer()
             if base is not head and isinstance(base, (nn.Linear, Conv1D)):
                 config.target_modules.add(name)
+
+
+def _check_patterns_match(config: SurmConfig, keys: list[str]) -> None:
+    """A ``knob_pattern`` or ``structure_pattern`` key that matches no targeted module would be
+    accepted and ignored (a typo, or a module left out of target_modules): refuse it."""
+    from .config import _matches_end
+
+    for field in ("knob_pattern", "structure_pattern"):
+        for pattern in getattr(config, field):
+            if not any(_matches_end(pattern, key) for key in keys):
+                names = sorted({key.rsplit(".", 1)[-1] for key in keys})
+                raise ValueError(
+                    f"SurmConfig: {field} key {pattern!r} matches none of the {len(keys)} targeted modules "
+                    f"(their names: {', '.join(names)}; e.g. {keys[0]}). Fix the key (a regex matched against "
+                    f"the end of the module name) or add the module to target_modules."
+                )
 
 
 def _explain_filtered_targets(config: SurmConfig, keys: list[str]) -> None:
