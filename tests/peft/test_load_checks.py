@@ -127,3 +127,30 @@ def test_adapter_saved_without_signatures_loads_quietly_and_identically(tmp_path
         model = peft.PeftModel.from_pretrained(copy.deepcopy(base), path)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+
+
+def test_config_with_another_alpha_than_the_weights_is_refused(tmp_path):
+    path = _saved(tmp_path, structure="circulant", alpha=2.0)
+    _edit_config(path, alpha=0.5)
+    base = mlp()[0]
+    with pytest.raises(ValueError, match=r"saved as circulant\(block_size=None\) with placement='parallel' and "
+                                         r"alpha=2.0.*config builds .* and alpha=0.5"):
+        peft.PeftModel.from_pretrained(base, path)
+    assert not any(isinstance(m, SurmLayer) for m in base.modules())
+
+
+def test_signature_saved_without_alpha_loads_at_the_configs_alpha(tmp_path):
+    """Files saved before alpha was recorded: nothing to compare alpha with, so it loads."""
+    from safetensors.torch import load_file, save_file
+
+    from surm.peft.layer import decode_signature, encode_signature
+
+    path = _saved(tmp_path, structure="circulant", alpha=2.0)
+    weights = path / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for key in [k for k in tensors if k.endswith("surm_signature")]:
+        old = {k: v for k, v in decode_signature(tensors[key]).items() if k != "alpha"}
+        tensors[key] = encode_signature(old)
+    save_file(tensors, str(weights))
+    model = peft.PeftModel.from_pretrained(mlp()[0], path)
+    assert model.peft_config["default"].alpha == 2.0

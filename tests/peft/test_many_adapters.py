@@ -132,3 +132,20 @@ def test_a_file_without_signatures_is_checked_by_shape(saved):
     with pytest.raises(ValueError, match="has shape"):
         load_adapters(model, {"user2b": saved["user2"]})
     assert sorted(model.peft_config) == ["user0", "user2"]
+
+
+def test_a_file_whose_signatures_lack_alpha_loads(saved):
+    from safetensors.torch import load_file, save_file
+
+    from surm.peft.layer import decode_signature, encode_signature
+
+    path = saved["user2"] / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    for key in [k for k in tensors if k.endswith("surm_signature")]:
+        tensors[key] = encode_signature({k: v for k, v in decode_signature(tensors[key]).items() if k != "alpha"})
+    save_file(tensors, str(path))
+    fast = peft.PeftModel.from_pretrained(_base(), saved["user0"], adapter_name="user0").eval()
+    load_adapters(fast, {"user2": saved["user2"]})
+    slow = peft.PeftModel.from_pretrained(_base(), saved["user0"], adapter_name="user0").eval()
+    slow.load_adapter(saved["user2"], adapter_name="user2")
+    torch.testing.assert_close(_logits(fast, "user2"), _logits(slow, "user2"), rtol=0, atol=0)

@@ -125,11 +125,25 @@ def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
     w.data = new.to(w.dtype).contiguous()
 
 
-def adapter_signature(S: structured.StructuredMatrix, placement: str) -> dict[str, Any]:
-    """What the tensors of an adapter are: its family, resolved knobs and placement. Saved with
-    the weights (the ``surm_signature`` buffer), so that a config naming another family with
-    the same tensor shapes is refused on load instead of silently computing something else."""
-    return json.loads(json.dumps({"structure": S.name, "placement": placement, **S.knobs()}))
+def adapter_signature(
+    S: structured.StructuredMatrix, placement: str, alpha: Optional[float] = None
+) -> dict[str, Any]:
+    """What the tensors of an adapter are: its family, resolved knobs, placement and the user's
+    ``alpha``. Saved with the weights (the ``surm_signature`` buffer), so that a config naming
+    another family with the same tensor shapes, or another alpha, is refused on load instead of
+    silently computing something else."""
+    signature = {"structure": S.name, "placement": placement, **S.knobs()}
+    if alpha is not None:
+        signature["alpha"] = float(alpha)
+    return json.loads(json.dumps(signature))
+
+
+def signatures_agree(saved: dict[str, Any], built: dict[str, Any]) -> bool:
+    """Whether a saved signature describes what the config builds. Files saved before alpha was
+    recorded have none: then alpha is not compared."""
+    if "alpha" not in saved:
+        built = {k: v for k, v in built.items() if k != "alpha"}
+    return saved == built
 
 
 def encode_signature(signature: dict[str, Any], device: Optional[torch.device] = None) -> torch.Tensor:
@@ -247,7 +261,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_activation[adapter_name] = config.activation
         self.surm_fused[adapter_name] = config.fused
         self.surm_signature[adapter_name] = encode_signature(
-            adapter_signature(self.surm_matrix[adapter_name], config.placement), device
+            adapter_signature(self.surm_matrix[adapter_name], config.placement, config.alpha), device
         )
         if reactivate:
             self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)

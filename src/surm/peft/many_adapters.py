@@ -22,7 +22,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from .config import SurmConfig
-from .layer import SurmLayer, decode_signature
+from .layer import SurmLayer, decode_signature, signatures_agree
 
 #: what a saved SURM tensor's key ends with -> how to reach the live tensor of a layer
 _STORES = ("surm_bias", "surm_inner_bias", "surm_signature")
@@ -113,12 +113,13 @@ def _copy_tensors(name: str, saved: dict[str, torch.Tensor], layers: dict[str, S
         signature = f"{prefix}{key}.surm_signature"
         if signature in saved:
             built, found = decode_signature(own[signature], signature), decode_signature(saved[signature], signature)
-            if built != found:
+            if not signatures_agree(found, built):
                 raise ValueError(f"load_adapters: {folder}: the tensors of {key} were saved as {found}, but "
                                  f"adapter_config.json builds {built}; the config does not describe these weights")
         for file_key, tensor in own.items():
-            if file_key == signature and file_key not in saved:
-                continue  # saved before signatures were recorded
+            if file_key == signature:  # checked above, or saved before signatures were recorded
+                consumed.add(file_key)
+                continue
             if file_key not in saved:
                 raise ValueError(f"load_adapters: {folder}: the file has no {file_key!r}, which the config builds")
             if saved[file_key].shape != tensor.shape:

@@ -21,7 +21,7 @@ from surm import structured
 
 from . import quantized
 from .config import SurmConfig
-from .layer import SurmLayer, decode_signature, features, unsupported_reason
+from .layer import SurmLayer, decode_signature, features, signatures_agree, unsupported_reason
 from .mixed import adapter_names_hooks
 from .targets import PARALLEL_TARGETS, default_targets
 
@@ -144,14 +144,15 @@ class SurmModel(BaseTuner):
                     _remove_adapter(model, adapter_name)
                     raise
                 built = decode_signature(own[model_key], model_key)
-                if saved != built:
+                if not signatures_agree(saved, built):
                     _remove_adapter(model, adapter_name)
                     module = ckpt_key.removeprefix(prefix).removesuffix(".surm_signature")
                     raise ValueError(
                         f"surm: the adapter's tensors for {module} were saved as {_describe(saved)}, but its "
                         f"config builds {_describe(built)}. adapter_config.json does not describe these "
-                        f"weights; set structure, its knobs and placement back to what was trained."
+                        f"weights; set structure, its knobs, placement and alpha back to what was trained."
                     )
+                remapped[key] = own[model_key].clone()  # agreed: keep the full one (older files lack alpha)
         for ckpt_key, key, model_key in pairs:
             if model_key not in own:
                 problem = f"checkpoint tensor {ckpt_key!r} has no counterpart in this model"
@@ -317,8 +318,9 @@ def _with_signatures(
 
 
 def _describe(signature: dict[str, Any]) -> str:
-    knobs = ", ".join(f"{k}={v}" for k, v in signature.items() if k not in ("structure", "placement"))
-    return f"{signature['structure']}({knobs}) with placement={signature['placement']!r}"
+    knobs = ", ".join(f"{k}={v}" for k, v in signature.items() if k not in ("structure", "placement", "alpha"))
+    alpha = f" and alpha={signature['alpha']}" if "alpha" in signature else ""
+    return f"{signature['structure']}({knobs}) with placement={signature['placement']!r}{alpha}"
 
 
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
