@@ -65,6 +65,15 @@ def _each_alone(model: peft.PeftModel, run, adapter_names: list[str], rows_of) -
     return torch.cat(out)
 
 
+def _assert_mixed_equals_alone(model: peft.PeftModel, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+    """``model(x, adapter_names=...)`` equals each row run alone through its adapter (float64)."""
+    with torch.no_grad():
+        mixed = model(x, adapter_names=adapter_names)
+        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
+    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    return alone
+
+
 @pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
 @pytest.mark.parametrize("placement", ["parallel", "serial"])
 @pytest.mark.parametrize("family", structured.names())
@@ -76,10 +85,7 @@ def test_mixed_batch_equals_each_adapter_alone(family, placement, kind):
     model = _with_adapters(OneLayer(kind).double(), {n: surm.SurmConfig(**config) for n in NAMES})
     x = model.base_model.model.example(6)
     adapter_names = ["b", "a", "__base__", "c", "b", "a"]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=adapter_names)
-        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
-    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    alone = _assert_mixed_equals_alone(model, x, adapter_names)
     assert not torch.allclose(alone[0], alone[1])  # the adapters differ: a wrong gather would show
 
 
@@ -95,10 +101,7 @@ def test_mixed_families_and_placements_in_one_layer():
     model = _with_adapters(OneLayer("linear").double(), configs)
     x = model.base_model.model.example(5)
     adapter_names = ["lowr", "circ", "kron", "toep", "circ"]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=adapter_names)
-        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
-    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    _assert_mixed_equals_alone(model, x, adapter_names)
 
 
 def test_many_distinct_adapters_one_batch():
@@ -108,10 +111,7 @@ def test_many_distinct_adapters_one_batch():
     model = _with_adapters(OneLayer("linear").double(), {n: config for n in names})
     x = model.base_model.model.example(12)
     adapter_names = [names[i % 9] for i in (3, 0, 8, 5, 5, 1, 2, 7, 6, 4, 0, 3)]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=adapter_names)
-        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
-    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    _assert_mixed_equals_alone(model, x, adapter_names)
 
 
 def _llama_with_adapters():
@@ -167,10 +167,7 @@ def test_modules_to_save_follow_the_rows():
             model.base_model.model.head.modules_to_save[name].weight.add_(float(i + 1))
     x = torch.randn(4, 10, dtype=torch.float64)
     adapter_names = ["c", "a", "__base__", "b"]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=adapter_names)
-        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
-    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    _assert_mixed_equals_alone(model, x, adapter_names)
 
 
 def test_an_adapter_on_fewer_layers_leaves_the_others_to_the_base():
@@ -181,10 +178,7 @@ def test_an_adapter_on_fewer_layers_leaves_the_others_to_the_base():
     model = _with_adapters(base, configs)
     x = torch.randn(3, 10, dtype=torch.float64)
     adapter_names = ["fc1", "both", "fc1"]
-    with torch.no_grad():
-        mixed = model(x, adapter_names=adapter_names)
-        alone = _each_alone(model, model, adapter_names, lambda row: x[row : row + 1])
-    torch.testing.assert_close(mixed, alone, rtol=1e-10, atol=1e-10)
+    _assert_mixed_equals_alone(model, x, adapter_names)
 
 
 @pytest.fixture

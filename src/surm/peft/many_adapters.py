@@ -23,8 +23,9 @@ from safetensors.torch import load_file
 
 from .config import SurmConfig
 from .layer import SurmLayer, decode_signature, signatures_agree
+from .model import matched_targets
 
-#: what a saved SURM tensor's key ends with -> how to reach the live tensor of a layer
+#: a layer's per-adapter stores besides the matrix, saved as ``<module>.<store>``
 _STORES = ("surm_bias", "surm_inner_bias", "surm_signature")
 #: config fields that decide which modules an adapter targets
 _TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "placement")
@@ -73,8 +74,6 @@ def _config(folder: Path) -> SurmConfig:
 
 def _targets(model: PeftModel, config: SurmConfig, layers: dict[str, SurmLayer]) -> list[str] | None:
     """The module names ``config`` targets, or None when one of them carries no SURM layer yet."""
-    from .model import matched_targets
-
     keys = [key for key, _ in matched_targets(copy.copy(config), model.base_model.model)]
     return keys if all(key in layers for key in keys) else None
 
