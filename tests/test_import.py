@@ -24,13 +24,15 @@ def test_import_surm_imports_nothing_heavy():
 
 HOOK_GONE = ("import sys; assert type(peft.__loader__).__name__ == type(peft.__spec__.loader).__name__ == "
              "'SourceFileLoader'; "
-             "assert not [f for f in sys.meta_path if type(f).__module__ == 'surm._on_peft_import']")
+             "assert not [f for f in sys.meta_path if type(f).__module__ == '_surm_peft_hook' "
+             "or type(f).__name__ == 'SurmPeftStartupHook']")
 
 
 @pytest.mark.parametrize("code", [
     # surm first: registered when peft is imported; peft keeps its own loader and the hook goes
     f"import surm; import peft; {REGISTERED}; {HOOK_GONE}",
     f"import peft; import surm; {REGISTERED}",  # peft first: registered at once
+    f"import peft; {REGISTERED}; {HOOK_GONE}",  # no surm at all: the start-up hook installed with the package
     f"import surm; from peft import PeftModel; {REGISTERED}",
     f"import surm; import peft.tuners.lora; {REGISTERED}",  # a submodule imports peft's __init__ first
     # asking whether peft is installed does not import it, nor break the later import
@@ -54,7 +56,7 @@ def test_the_public_names_load_on_first_use():
 
 def test_a_failed_registration_warns_and_leaves_import_peft_working():
     out = _python(
-        "import warnings, surm, surm._on_peft_import as hook\n"
+        "import warnings, surm, _surm_peft_hook as hook\n"
         "def broken(): raise RuntimeError('unsupported peft')\n"
         "hook._register = broken\n"
         "with warnings.catch_warnings(record=True) as caught:\n"

@@ -9,7 +9,8 @@ already is), and ``surm.SurmConfig``, ``surm.SurmModel``, ``surm.plan`` (the pla
 ``import surm`` (and ``surm --help``) stays instant.
 """
 
-from ._on_peft_import import register_when_peft_is_imported
+from _surm_peft_hook import register_when_peft_is_imported
+
 from ._version import __version__
 
 __all__ = ["SurmConfig", "SurmModel", "__version__", "plan", "recommended_lr", "structured"]

@@ -18,7 +18,8 @@ def test_sft_trainer_trains_and_reloads_a_surm_adapter(tmp_path):
     base = tiny.model()
     data = Dataset.from_dict({"text": [" ".join(tiny.WORDS[i:i + 6]) for i in range(8)]})
     args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
-                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, max_length=16)
+                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, max_length=16,
+                     bf16=False)  # TRL's default bf16=True wraps model.forward in bf16 autocast, left on after train()
     trainer = SFTTrainer(model=base, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=SurmConfig(target_modules="all-linear", init="random", fused=False))
     model = trainer.model
@@ -40,3 +41,29 @@ def test_sft_trainer_trains_and_reloads_a_surm_adapter(tmp_path):
     with torch.no_grad():
         effect = (reloaded(ids).logits - tiny.model()(ids).logits).abs().max()
         assert effect > 0.05
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)  # the reload is the trained model
+
+
+def test_sft_trainer_default_bf16_autocast_trains_the_float32_adapter(tmp_path):
+    """Under TRL's default (bf16 autocast on CPU) the adapter stays float32 and trains; the
+    trained model's forward stays wrapped in autocast, so it differs from its reload by bf16
+    rounding only."""
+    torch.manual_seed(0)
+    data = Dataset.from_dict({"text": [" ".join(tiny.WORDS[i:i + 6]) for i in range(8)]})
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, max_length=16)
+    assert args.bf16
+    trainer = SFTTrainer(model=tiny.model(), args=args, train_dataset=data, processing_class=tiny.tokenizer(),
+                         peft_config=SurmConfig(target_modules="all-linear", init="random", fused=False))
+    model = trainer.model
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    trainer.train()
+    trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert all(v.dtype == torch.float32 for v in trained.values())
+    assert any(not torch.equal(before[k], v) for k, v in trained.items())
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny.model(), tmp_path / "adapter").eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        gap = (model.eval()(ids).logits - reloaded(ids).logits).abs().max()
+    assert 0 < gap < 0.05
