@@ -1,6 +1,7 @@
 """``surm reproduce llm``: the smoke preset on the tiny random Llama (seconds), the matched LoRA
 rank, the merge check, and presets that refuse what the experiment cannot run."""
 
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,17 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("llm")
     outcome = llm.run(llm.PRESETS["smoke"], out, Runner(RunStore(out / "runs"), progress=False))
     return out, outcome
+
+
+def test_stored_only_reports_the_stored_runs_and_names_the_others(smoke, tmp_path):
+    out, _ = smoke
+    config = dataclasses.replace(llm.PRESETS["smoke"], seeds=(0, 5))
+    runner = Runner(RunStore(out / "runs"), progress=False, stored_only=True)
+    outcome = llm.run(config, tmp_path, runner)
+    payload = json.loads((tmp_path / "llm.json").read_text())
+    assert {r["seed"] for r in payload["rows"]} == {0} and all(r["stored"] for r in payload["rows"])
+    assert "grimm_tales lora:2 seed 5" in payload["left_out"]
+    assert "Not run yet, left out of every table" in outcome.markdown
 
 
 def test_smoke_writes_tables_curves_generations_and_merge_check(smoke):

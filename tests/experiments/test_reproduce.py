@@ -67,6 +67,8 @@ def test_pinwheel_runs_like_the_others(tmp_path, capsys):
         (["nlp", "--preset", "huge"], "nlp: unknown preset 'huge'; presets: smoke, quick, full"),
         (["all", "--set", "fractions=[0.1]"], "nlp: unknown setting 'fractions'"),
         (["pinwheel", "--set", "regime=pretend"], "pinwheel: --set regime: expected one of 'random', 'pretrained'"),
+        (["nlp", "--stored-only"], "--stored-only: only for llm"),
+        (["llm", "--stored-only", "--fresh"], "not with --fresh"),
     ],
 )
 def test_bad_input_is_a_usage_error_before_anything_runs(argv, message):

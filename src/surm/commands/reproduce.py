@@ -65,6 +65,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="train N runs at once, each in its own process on one thread (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--stored-only", action="store_true",
+                   help="train nothing: the report of the runs the store holds, the others listed as left out "
+                        "(llm only; for a comparison still running)")
     p.set_defaults(func=run)
     return p
 
@@ -100,8 +103,11 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
+    partial_ok = all(getattr(module, "REPORTS_PARTIAL_RUNS", False) for module, _ in todo.values())
+    if args.stored_only and (args.fresh or not partial_ok):
+        raise UsageError("--stored-only: only for llm (whose report shows each method's seeds), and not with --fresh")
     runner = Runner(RunStore(args.store or outputs.RUN_STORE), fresh=args.fresh, progress=not args.quiet,
-                    jobs=args.jobs)
+                    jobs=args.jobs, stored_only=args.stored_only)
     results = {}
     for name, (module, config) in todo.items():
         if args.experiment == "all":

@@ -142,6 +142,11 @@ PRESETS: dict[str, LlmPreset] = {
 # --------------------------------------------------------------------------- runs
 
 
+#: the report lists each method's seeds, so it can be made from the runs a store holds so far
+#: (``surm reproduce llm --stored-only``)
+REPORTS_PARTIAL_RUNS = True
+
+
 def is_choice_task(dataset: str) -> bool:
     """Whether ``dataset`` is scored by accuracy (a labelled set asked as a question)."""
     return dataset in instruct.TASKS
@@ -211,7 +216,8 @@ def run(config: LlmPreset, out_dir: Path, runner: Runner) -> report.Outcome:
     summary = {d: summarize([r for r in rows if r["dataset"] == d], d) for d in config.datasets}
     payload = {"experiment": "llm", "preset": config.name, "config": settings, "wall_seconds": wall,
                "prompts": {d: _prompts(config, d) for d in config.datasets}, "summary": summary,
-               "paired": {d: paired(rows, d) for d in config.datasets}, "lr_grids": grids, "rows": rows}
+               "paired": {d: paired(rows, d) for d in config.datasets}, "lr_grids": grids, "rows": rows,
+               "left_out": list(runner.left_out)}
     figures = [plot_quality(summary, out_dir / "llm_quality.png", config)]
     for dataset in config.datasets:
         first = [r for r in rows if r["dataset"] == dataset and r["seed"] == config.seeds[0]]
@@ -324,6 +330,9 @@ def markdown(payload: dict[str, Any]) -> str:
         f"(6 % warm-up) for every method, {rates}; seeds {config['seeds']}; base model in {config['dtype']}. "
         f"Wall time {payload['wall_seconds'] / 60:.1f} min (runs read from the store count nothing).", "",
     ]
+    if payload.get("left_out"):
+        lines += [f"Not run yet, left out of every table ({len(payload['left_out'])}): "
+                  + "; ".join(payload["left_out"]) + ".", ""]
     for dataset in datasets:
         lines += _dataset_section(payload, dataset)
     return "\n".join(lines)

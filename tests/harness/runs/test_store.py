@@ -136,3 +136,16 @@ def test_the_code_a_run_executes_imports_nothing_left_out_of_its_version():
                 path = "/".join(parts[1:])  # a module; packages' __init__ (experiments': the registry) aside
                 if (root / f"{path}.py").is_file():
                     assert f"{path}.py" in included, f"{rel} imports {name}, which the code version leaves out"
+
+
+def test_stored_only_returns_what_the_store_holds_and_lists_the_rest(tmp_path):
+    store = RunStore(tmp_path / "runs")
+    Runner(store, progress=False).run(SPEC)
+    other = SPEC.replace(seed=1)
+    runner = Runner(store, progress=False, stored_only=True)
+    records, _ = runner.run_all([SPEC, other], "runs")
+    assert [r.spec for r in records] == [SPEC] and records[0].from_store
+    assert runner.left_out == ["rotten_tomatoes head seed 1"]
+    assert store.read(other) is None  # nothing was trained
+    with pytest.raises(LookupError, match="not in the run store.*--stored-only"):
+        runner.run(other)

@@ -85,12 +85,19 @@ class Runner:
 
     Without a store, the deltas of the runs trained here are kept in memory, so an experiment
     that needs them (cka) works without one.
+
+    ``stored_only`` trains nothing: :meth:`run_all` returns the records the store holds and
+    lists the others in :attr:`left_out` (for a report of a comparison that is still running);
+    :meth:`run` raises :class:`LookupError` for a run the store lacks.
     """
 
     store: RunStore | None = None
     fresh: bool = False
     progress: bool = True
     jobs: int = 1
+    stored_only: bool = False
+    #: the runs ``stored_only`` left out, ``"<dataset> <method> seed <seed>"``, in the order asked
+    left_out: list[str] = field(default_factory=list)
     _deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     def run(self, spec: RunSpec) -> RunRecord:
@@ -99,6 +106,9 @@ class Runner:
             record = self.store.read(spec)
             if record is not None:
                 return record
+        if self.stored_only:
+            raise LookupError(f"{_label(spec)} is not in the run store {self.store}; "
+                              "leave out stored_only (--stored-only) to train it")
         record, _, deltas = execute(spec, self.progress)
         if self.store is not None:
             self.store.write(record, deltas)
@@ -114,6 +124,9 @@ class Runner:
         start = time.perf_counter()
         stored = {} if self.fresh or self.store is None else {s.key: self.store.read(s) for s in specs}
         missing = [s for s in dict.fromkeys(specs) if stored.get(s.key) is None]
+        if self.stored_only:
+            self.left_out += [_label(s) for s in missing]
+            return [stored[s.key] for s in specs if stored.get(s.key) is not None], time.perf_counter() - start
         check_methods_fit(missing)
         if self.jobs > 1:
             if len(missing) > 1:
@@ -124,7 +137,7 @@ class Runner:
             # in a terminal an outer bar over the runs; in a log one line per run instead
             outer = progress.bar(len(specs), desc, self.progress and progress.to_terminal())
             for i, spec in enumerate(specs, 1):
-                label = f"{spec.dataset} {spec.method} seed {spec.seed}"
+                label = _label(spec)
                 progress.note(f"{desc} [{i}/{len(specs)}] {label}", self.progress)
                 if outer is not None:
                     outer.set_postfix_str(label)
@@ -165,6 +178,10 @@ class Runner:
         if self.store is None:
             raise KeyError(f"no deltas of {spec.slug}: run it with save_deltas=True first")
         return self.store.deltas(spec)
+
+
+def _label(spec: RunSpec) -> str:
+    return f"{spec.dataset} {spec.method} seed {spec.seed}"
 
 
 def check_methods_fit(specs: Sequence[RunSpec]) -> None:
