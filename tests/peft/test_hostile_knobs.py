@@ -1,6 +1,7 @@
 """Knob values no layer can use are refused before anything is allocated: an edited config
 with a huge knob costs no memory and leaves the model as it was."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -76,3 +77,25 @@ def test_edited_config_with_huge_rank_costs_no_memory():
 def test_inference_mode_that_is_not_a_bool_is_refused(value):
     with pytest.raises((TypeError, ValueError), match="inference_mode"):
         surm.SurmConfig(target_modules=["fc1"], inference_mode=value)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_alpha_is_refused_at_config_time(alpha):
+    with pytest.raises(ValueError, match=r"alpha must be a finite number, got (nan|inf|-inf)"):
+        surm.SurmConfig(target_modules=["fc1"], alpha=alpha)
+
+
+@pytest.mark.parametrize("alpha", [1e30, -2e4])
+def test_absurd_alpha_warns_naming_the_value(alpha):
+    with pytest.warns(UserWarning, match=rf"alpha={re.escape(repr(alpha))} is above 10000 in magnitude.*alpha=1 fits"):
+        config = surm.SurmConfig(target_modules=["fc1"], alpha=alpha)
+    assert config.alpha == alpha
+
+
+@pytest.mark.parametrize("alpha", [1e4, -1e4, 0.0, 16.0])
+def test_alpha_within_the_bound_is_quiet(alpha):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surm.SurmConfig(target_modules=["fc1"], alpha=alpha)

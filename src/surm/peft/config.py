@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -19,6 +20,9 @@ PLACEMENTS = ("parallel", "serial")
 #: adapter starts exactly at the pretrained model.
 ACTIVATIONS = ("gelu", "relu", "silu", "tanh", "identity")
 BIAS_MODES = ("none", "all", "surm_only")
+#: |alpha| above this draws a warning: with scaling="width" alpha=1 fits every width, so a
+#: larger multiplier is most likely a typo, and it pushes half-precision activations to overflow
+ALPHA_WARN_ABOVE = 1e4
 
 
 #: LoRA keywords people carry over, and SURM's knob for the same thing
@@ -79,7 +83,8 @@ class SurmConfig(PeftConfig):
         placement (`str`): ``"parallel"`` (default, LoRA-style, merges exactly) or
             ``"serial"`` (adapter-style, after the layer, S square over its output).
         alpha (`float`): the user's multiplier on the structured update (default 1.0); the
-            update is ``alpha * s * S`` with ``s`` set by ``scaling``.
+            update is ``alpha * s * S`` with ``s`` set by ``scaling``. It must be finite
+            (nan and inf are refused); |alpha| above 1e4 (``ALPHA_WARN_ABOVE``) draws a warning.
         scaling (`str`): ``"width"`` (default): ``s = 1 / sqrt(max(m, n) E)`` per layer, with
             ``E`` the family's update energy (``surm.peft.scaling``), so that one learning
             rate (``surm.recommended_lr``) serves every family, knob, placement and layer
@@ -124,19 +129,19 @@ class SurmConfig(PeftConfig):
     structure: str = field(
         default="circulant", metadata={"help": f"The structured family of the update, one of {structured.names()}."}
     )
-    block_size: Optional[int] = field(
+    block_size: int | None = field(
         default=None,
         metadata={"help": "circulant/skew_circulant: None for one zero-padded max(out, in) circulant, or b for a "
                   "grid of b x b blocks (b divides both widths; out*in/b parameters)."},
     )
-    rank: Optional[int] = field(
+    rank: int | None = field(
         default=None, metadata={"help": "ldr: displacement rank (default 1); low_rank: rank (default 8)."}
     )
-    factors: Optional[Any] = field(
+    factors: Any | None = field(
         default=None,
         metadata={"help": "kronecker: ((a1, a2), (b1, b2)) with a1*b1 = out and a2*b2 = in; None chooses them."},
     )
-    terms: Optional[int] = field(default=None, metadata={"help": "kronecker: number of Kronecker terms (default 1)."})
+    terms: int | None = field(default=None, metadata={"help": "kronecker: number of Kronecker terms (default 1)."})
     placement: Literal["parallel", "serial"] = field(
         default="parallel",
         metadata={"help": "'parallel' (LoRA-style, y = W0 x + b0 + alpha S x) or 'serial' (adapter-style, "
@@ -155,7 +160,7 @@ class SurmConfig(PeftConfig):
     init: Literal["zero", "random"] = field(
         default="zero", metadata={"help": "'zero' (S = 0: training starts at the pretrained model) or 'random'."}
     )
-    fused: Optional[bool] = field(
+    fused: bool | None = field(
         default=None,
         metadata={"help": "Parallel only: None picks per layer and batch the faster of the fused "
                   "(W0 + alpha*S, one matmul) and plain (FFT) paths; True/False forces one."},
@@ -171,21 +176,21 @@ class SurmConfig(PeftConfig):
                   "module names (the first match wins; other modules take 'structure'). The top-level knobs "
                   "belong to 'structure'; a module given another structure takes its knobs from knob_pattern."},
     )
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Layers to adapt: names (suffix match), a regex, or 'all-linear'; None: the model "
                   "type's defaults for the placement."},
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex to leave out."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter, e.g. ['classifier']."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None, metadata={"help": "Only adapt the layers with these indices."}
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None, metadata={"help": "Name of the layer list ('layer', 'layers', 'h') for layers_to_transform."}
     )
     bias: str = field(default="none", metadata={"help": f"Which biases train: one of {BIAS_MODES}."})
@@ -281,12 +286,24 @@ class SurmConfig(PeftConfig):
         _expect(self.inference_mode, "inference_mode", lambda v: isinstance(v, bool), "True or False")
         _expect(self.alpha, "alpha", _is_real, "a finite number, e.g. alpha=1.0")
         if not math.isfinite(self.alpha):
-            raise ValueError(f"SurmConfig: alpha must be a finite number, got {self.alpha!r}")
+            raise ValueError(
+                f"SurmConfig: alpha must be a finite number, got {self.alpha!r}: it would make every entry "
+                f"of the update alpha * S infinite or NaN. Use a finite multiplier such as alpha=1.0."
+            )
+        if abs(self.alpha) > ALPHA_WARN_ABOVE:
+            warnings.warn(
+                f"SurmConfig: alpha={self.alpha!r} is above {ALPHA_WARN_ABOVE:g} in magnitude. With "
+                f"scaling='width' alpha=1 fits every layer width; a multiplier this large overflows half-precision "
+                f"activations and makes training diverge. Is it a typo (alpha=1e-30, or a learning rate)?",
+                UserWarning,
+                stacklevel=4,
+            )
         _expect(self.dropout, "dropout", _is_real, "a number in [0, 1), e.g. dropout=0.1")
         _expect(self.fused, "fused", lambda v: v is None or isinstance(v, bool), "True, False or None (the default)")
         for knob in ("block_size", "rank", "terms"):
             _expect(getattr(self, knob), knob, lambda v: v is None or _is_positive_int(v), "a positive integer or None")
-        _expect(self.factors, "factors", lambda v: v is None or _is_factors(v), "((a1, a2), (b1, b2)) of positive integers, or None")
+        _expect(self.factors, "factors", lambda v: v is None or _is_factors(v),
+                "((a1, a2), (b1, b2)) of positive integers, or None")
         _expect(self.knob_pattern, "knob_pattern", lambda v: isinstance(v, dict),
                 "a dict of module-name pattern -> dict of knobs, e.g. {'intermediate.dense': {'block_size': 64}}")
         _expect(self.structure_pattern, "structure_pattern",
@@ -300,7 +317,8 @@ class SurmConfig(PeftConfig):
                 check = _is_factors if knob == "factors" else _is_positive_int
                 _expect(value, f"knob_pattern[{pattern!r}][{knob!r}]", check, "a positive integer" if knob != "factors"
                         else "((a1, a2), (b1, b2)) of positive integers")
-        _expect(self.target_modules, "target_modules", _is_names, "a list of module names, a regex string or 'all-linear'")
+        _expect(self.target_modules, "target_modules", _is_names,
+                "a list of module names, a regex string or 'all-linear'")
         _expect(self.exclude_modules, "exclude_modules", _is_names, "a list of module names or a regex string")
         _expect(self.modules_to_save, "modules_to_save", lambda v: v is None or _is_str_collection(v),
                 "a list of module names, e.g. ['classifier']")
@@ -410,5 +428,7 @@ def _is_factors(value: Any) -> bool:
     return (
         isinstance(value, (list, tuple))
         and len(value) == 2
-        and all(isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_positive_int, pair)) for pair in value)
+        and all(
+            isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_is_positive_int, pair)) for pair in value
+        )
     )
