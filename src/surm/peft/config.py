@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from peft.config import PeftConfig
+from peft.utils import CONFIG_NAME
 
 from surm import structured
 
@@ -261,6 +264,21 @@ class SurmConfig(PeftConfig):
         kwargs.setdefault("scaling", "none")
         return kwargs
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's read of ``adapter_config.json``, after checks that name the file: it must be JSON
+        and a SURM config (not LoRA fields under an edited ``peft_type``). The folder is
+        remembered (``_source``, not saved), so that a load from it checks the weights file
+        against the model before any module is replaced (:mod:`.file_checks`)."""
+        folder = Path(pretrained_model_name_or_path) / (subfolder or "")
+        local = (folder / CONFIG_NAME).is_file()
+        if local:
+            _check_saved_config(folder / CONFIG_NAME)
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, SurmConfig):
+            config._source = folder if local else None
+        return config
+
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's save, with a base model loaded from a package folder recorded by its public
         Hub id, and the model card PEFT wrote beside it made a SURM adapter card."""
@@ -379,6 +397,25 @@ class SurmConfig(PeftConfig):
                 knobs.update(overrides)
                 break
         return knobs
+
+
+def _check_saved_config(path: Path) -> None:
+    """A saved SURM config must be a JSON object without LoRA's fields."""
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"SurmConfig: {path} is not JSON ({err}): the file is damaged or was overwritten. Save the adapter again."
+        ) from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"SurmConfig: {path} holds a JSON {type(saved).__name__}, not an adapter config (an object)")
+    lora = sorted(set(saved) & {"r", "lora_alpha", "lora_dropout"})
+    if lora:
+        raise ValueError(
+            f"SurmConfig: {path} says peft_type {saved.get('peft_type')!r} but holds LoRA's fields "
+            f"({', '.join(lora)}): it is not a SURM adapter config. If these are LoRA weights, its peft_type "
+            f"should be 'LORA'."
+        )
 
 
 def _matches_end(pattern: str, module_name: str) -> bool:

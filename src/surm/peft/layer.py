@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -126,7 +126,7 @@ def set_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
 
 
 def adapter_signature(
-    S: structured.StructuredMatrix, placement: str, alpha: Optional[float] = None
+    S: structured.StructuredMatrix, placement: str, alpha: float | None = None
 ) -> dict[str, Any]:
     """What the tensors of an adapter are: its family, resolved knobs, placement and the user's
     ``alpha``. Saved with the weights (the ``surm_signature`` buffer), so that a config naming
@@ -146,29 +146,74 @@ def signatures_agree(saved: dict[str, Any], built: dict[str, Any]) -> bool:
     return saved == built
 
 
-def encode_signature(signature: dict[str, Any], device: Optional[torch.device] = None) -> torch.Tensor:
+def encode_signature(signature: dict[str, Any], device: torch.device | None = None) -> torch.Tensor:
     """A signature as a uint8 tensor of its sorted JSON text."""
     data = json.dumps(signature, sort_keys=True).encode()
     return torch.tensor(list(data), dtype=torch.uint8, device=device)
+
+
+def side_tensor_shapes(S: structured.StructuredMatrix, placement: str) -> dict[str, tuple[int, ...]]:
+    """The adapter's tensors besides S's parameters, by store: a serial adapter's bias beta
+    ``surm_bias`` (m,), and a serial low-rank bottleneck's inner bias ``surm_inner_bias`` (rank,)."""
+    if placement != "serial":
+        return {}
+    shapes = {"surm_bias": (S.out_features,)}
+    if isinstance(S, structured.LowRank):
+        shapes["surm_inner_bias"] = (S.rank,)
+    return shapes
+
+
+def check_adapter_name(name: Any) -> None:
+    """An adapter name becomes a module key (``surm_matrix.<name>``) and, in ``save_pretrained``,
+    a folder name: refuse one that is empty or holds a dot or a path separator (``"../x"``,
+    ``"a/b"``), before anything is built."""
+    if isinstance(name, str) and name and not any(c in name for c in "./\\") and name != mixed.BASE:
+        return
+    raise ValueError(
+        f"surm: adapter name {name!r} cannot be used: it becomes a module key and a folder of save_pretrained, so "
+        f"it must be a non-empty string without '.', '/' or '\\' (and not {mixed.BASE!r}, which selects the base "
+        f"model in mixed batches). Use a plain name such as 'task_a'."
+    )
 
 
 class DamagedSignatureError(ValueError):
     """A saved ``surm_signature`` tensor that is not the uint8 JSON text surm writes."""
 
 
-def decode_signature(tensor: torch.Tensor, key: str = "surm_signature") -> dict[str, Any]:
-    """The signature dict of a uint8 (L,) tensor of JSON text. Anything else (another dtype,
-    as left by a tool that cast every tensor, or bytes that are not JSON) raises
-    :class:`DamagedSignatureError` naming ``key`` and the repair."""
-    fix = (
+#: a signature is a few hundred bytes of JSON; a longer one is not what surm wrote
+MAX_SIGNATURE_BYTES = 4096
+
+
+def _signature_repair(key: str) -> str:
+    return (
         f"the adapter file is damaged or was converted by a tool that cast every tensor (e.g. "
         f"{{k: v.half() for k, v in sd.items()}}). Repair it by casting only floating-point tensors "
         f"(leave the uint8 signatures as saved), or delete the '{key}' entries to load without the check."
     )
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tensor.dim() != 1:
-        is_tensor = isinstance(tensor, torch.Tensor)
-        got = f"{tensor.dtype} tensor of shape {tuple(tensor.shape)}" if is_tensor else type(tensor).__name__
-        raise DamagedSignatureError(f"surm: {key} is a {got}, not a uint8 vector: {fix}")
+
+
+def check_signature_layout(dtype: torch.dtype | str, shape: tuple[int, ...], key: str) -> None:
+    """Refuse a saved signature that is not a uint8 vector of at most ``MAX_SIGNATURE_BYTES``
+    bytes (:class:`DamagedSignatureError`): read from a file's header, before its bytes are."""
+    if dtype != torch.uint8 or len(shape) != 1:
+        raise DamagedSignatureError(
+            f"surm: {key} is a {dtype} tensor of shape {shape}, not a uint8 vector: {_signature_repair(key)}"
+        )
+    if shape[0] > MAX_SIGNATURE_BYTES:
+        raise DamagedSignatureError(
+            f"surm: {key} holds {shape[0]} bytes; a SURM signature is JSON text of at most {MAX_SIGNATURE_BYTES}: "
+            f"{_signature_repair(key)}"
+        )
+
+
+def decode_signature(tensor: torch.Tensor, key: str = "surm_signature") -> dict[str, Any]:
+    """The signature dict of a uint8 (L,) tensor of JSON text. Anything else (another dtype,
+    as left by a tool that cast every tensor, or bytes that are not JSON) raises
+    :class:`DamagedSignatureError` naming ``key`` and the repair."""
+    fix = _signature_repair(key)
+    if not isinstance(tensor, torch.Tensor):
+        raise DamagedSignatureError(f"surm: {key} is a {type(tensor).__name__}, not a uint8 vector: {fix}")
+    check_signature_layout(tensor.dtype, tuple(tensor.shape), key)
     try:
         signature = json.loads(bytes(tensor.cpu().tolist()).decode())
     except (UnicodeDecodeError, ValueError):
@@ -193,7 +238,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         adapter_name: str,
         config: SurmConfig,
         knobs: dict[str, Any],
-        structure: Optional[str] = None,
+        structure: str | None = None,
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -211,11 +256,11 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_bias_scale: dict[str, float] = {}
         self.surm_placement: dict[str, str] = {}
         self.surm_activation: dict[str, str] = {}
-        self.surm_fused: dict[str, Optional[bool]] = {}
+        self.surm_fused: dict[str, bool | None] = {}
         self.surm_signature = BufferDict(persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
-        self._merge_snapshot: Optional[dict[str, Any]] = None
+        self._merge_snapshot: dict[str, Any] | None = None
         #: after a merge into a quantized weight: its rounding against the exact merge
         self.merge_rounding: quantized.Rounding | None = None
         self._active_adapter = adapter_name
@@ -229,7 +274,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         return self.out_features, self.in_features
 
     def update_layer(
-        self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any], structure: Optional[str] = None,
+        self, adapter_name: str, config: SurmConfig, knobs: dict[str, Any], structure: str | None = None,
         reactivate: bool = True,
     ) -> None:
         """Add adapter ``adapter_name``: a ``structure`` matrix (default: ``config.structure``;
@@ -246,11 +291,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self.surm_matrix[adapter_name] = structured.make(
             structure or config.structure, m, n, init=config.init, dtype=dtype, device=device, **knobs
         )
-        if config.placement == "serial":
-            self.surm_bias[adapter_name] = nn.Parameter(torch.zeros(m, dtype=dtype, device=device))
-            if self.is_bottleneck(adapter_name):
-                rank = self.surm_matrix[adapter_name].rank
-                self.surm_inner_bias[adapter_name] = nn.Parameter(torch.zeros(rank, dtype=dtype, device=device))
+        for store, shape in side_tensor_shapes(self.surm_matrix[adapter_name], config.placement).items():
+            getattr(self, store)[adapter_name] = nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
         self.surm_dropout[adapter_name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         scale = update_scale(self.surm_matrix[adapter_name], config.scaling)
         self.surm_alpha[adapter_name] = float(config.alpha) * scale
@@ -356,7 +398,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         delta = delta if self.kind == "linear" else (delta.T if self.kind == "conv1d" else delta[:, :, None, None])
         return delta.to(quantized.float_dtype(self.get_base_layer()))
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge adapters into the base weight: parallel ``W += alpha S``; serial (identity
         activation only) ``W <- (I + sum alpha S) W_h``, ``b <- (I + sum alpha S) b_h + sum beta``
         where ``W_h, b_h`` is the base plus every merged parallel adapter: serial adapters are
@@ -486,7 +528,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         """Undo all merges: parallel deltas are subtracted; a serial merge restores the weights
         saved when it was made."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
             return
         base = self.get_base_layer()
         if self._merge_snapshot is not None:

@@ -22,8 +22,9 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from .config import SurmConfig
-from .layer import SurmLayer, decode_signature, signatures_agree
-from .model import matched_targets
+from .file_checks import WEIGHTS_NAME, check_saved_adapter
+from .layer import SurmLayer, check_adapter_name, decode_signature, signatures_agree
+from .model import matched_targets, planned_matrix
 
 #: a layer's per-adapter stores besides the matrix, saved as ``<module>.<store>``
 _STORES = ("surm_bias", "surm_inner_bias", "surm_signature")
@@ -38,6 +39,8 @@ def load_adapters(model: PeftModel, adapters: Mapping[str, str | os.PathLike]) -
     save ``modules_to_save``, go through ``model.load_adapter`` (PEFT's own load)."""
     if not isinstance(model, PeftModel) or not any(isinstance(m, SurmLayer) for m in model.modules()):
         raise TypeError("load_adapters: pass a PeftModel with a SURM adapter, e.g. from PeftModel.from_pretrained")
+    for name in adapters:
+        check_adapter_name(name)
     taken = [name for name in adapters if name in model.peft_config]
     if taken:
         raise ValueError(f"load_adapters: the model already has adapter(s) {', '.join(taken)}; pick other names "
@@ -81,9 +84,15 @@ def _targets(model: PeftModel, config: SurmConfig, layers: dict[str, SurmLayer])
 def _load_into_layers(
     model: PeftModel, name: str, config: SurmConfig, folder: Path, layers: dict[str, SurmLayer]
 ) -> None:
-    weights = folder / "adapter_model.safetensors"
+    weights = folder / WEIGHTS_NAME
     if not weights.is_file():
-        raise FileNotFoundError(f"load_adapters: {folder} has no adapter_model.safetensors")
+        raise FileNotFoundError(f"load_adapters: {folder} has no {WEIGHTS_NAME}")
+    try:  # from the file's header, before its tensors are read
+        planned = {key: planned_matrix(config, key, layer.get_base_layer()) for key, layer in layers.items()}
+        check_saved_adapter(folder, config.placement, config.alpha, planned, config.modules_to_save,
+                            model.base_model.model)
+    except ValueError as err:
+        raise type(err)(f"load_adapters: {folder}: {err}") from err
     saved = load_file(str(weights))
     model.peft_config[name] = config
     try:

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import (
+    AuxiliaryTrainingWrapper,
     BaseTuner,
     BaseTunerLayer,
     _ExcludedModule,
@@ -21,7 +22,8 @@ from surm import structured
 
 from . import quantized
 from .config import SurmConfig
-from .layer import SurmLayer, decode_signature, features, signatures_agree, unsupported_reason
+from .file_checks import check_saved_adapter, misfit, peft_is_loading, signature_mismatch
+from .layer import SurmLayer, check_adapter_name, decode_signature, features, signatures_agree, unsupported_reason
 from .mixed import adapter_names_hooks
 from .targets import PARALLEL_TARGETS, default_targets
 
@@ -46,13 +48,18 @@ class SurmModel(BaseTuner):
         with adapter_names_hooks(self, kwargs.pop("adapter_names", None), kwargs.get("num_beams")):
             yield
 
-    def _pre_injection_hook(self, model: nn.Module, config: SurmConfig, adapter_name: str) -> None:
-        """Remember the model as it was, so that a failed load can restore it exactly."""
-        super()._pre_injection_hook(model, config, adapter_name)
-        self._pristine = {
-            "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
-            "had_peft_config": "peft_config" in vars(model),
-        }
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, after a check of the adapter name; the model as it was is remembered
+        (:class:`_Before`), so that an injection that fails halfway, or a load that fails after it,
+        leaves the model exactly as it was: no wrapper, adapter entry or changed requires_grad."""
+        check_adapter_name(adapter_name)
+        before = _Before(model, adapter_name)
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except Exception:
+            before.restore(self)
+            raise
+        self._before_last_injection = before
 
     def _prepare_adapter_config(self, peft_config: SurmConfig, model_config: dict) -> SurmConfig:
         if peft_config.target_modules is None:
@@ -69,36 +76,16 @@ class SurmModel(BaseTuner):
     def _prepare_model(self, peft_config: SurmConfig, model: nn.Module) -> None:
         """Check every target before any layer is replaced, so a bad config changes nothing:
         each target's structure (``structure_pattern``) must take its knobs and fit its shape,
-        and every ``knob_pattern`` / ``structure_pattern`` key must match a target."""
+        and every ``knob_pattern`` / ``structure_pattern`` key must match a target. When PEFT is
+        loading the adapter from a folder (the config came from ``SurmConfig.from_pretrained``),
+        the saved file is checked against these targets too (:mod:`.file_checks`)."""
         targets = matched_targets(peft_config, model)
         _check_patterns_match(peft_config, [key for key, _ in targets])
-        for key, base in targets:
-            n_in, n_out = features(base)
-            m, n = (n_out, n_out) if peft_config.placement == "serial" else (n_out, n_in)
-            structure, knobs = peft_config.structure_for(key), peft_config.knobs_for(key)
-            accepted = structured.knob_names(structure)
-            foreign = [k for k in knobs if k not in accepted]
-            if foreign:
-                raise ValueError(
-                    f"surm: cannot adapt {key}: its structure is {structure!r} but knob_pattern gives it "
-                    f"{', '.join(foreign)} (knobs of {structure}: {', '.join(accepted) or 'none'}). Make the "
-                    f"knob_pattern key that matches {key} fit its structure, or give the module its own key."
-                )
-            fmt = quantized.weight_format(base)
-            if peft_config.fused and peft_config.placement == "parallel" and fmt != "dense":
-                raise ValueError(
-                    f"surm: cannot adapt {key} with fused=True: its weight is {fmt} ({type(base.weight).__name__}), "
-                    f"and the fused path builds W0 + alpha S from a plain float weight. Leave fused=None (the "
-                    f"default): on a quantized layer the adapter runs beside the layer's own matmul."
-                )
-            try:
-                structured.make(structure, m, n, device="meta", **knobs)
-            except (ValueError, TypeError) as err:
-                raise ValueError(
-                    f"surm: cannot adapt {key} ({type(base).__name__} {n_in}->{n_out}, {peft_config.placement} "
-                    f"S of shape {m}x{n}): {err}. Set a knob that fits, for this module alone with "
-                    f"knob_pattern={{'{key.rsplit('.', 1)[-1]}': {{...}}}}."
-                ) from None
+        planned = {key: planned_matrix(peft_config, key, base) for key, base in targets}
+        folder = getattr(peft_config, "_source", None)
+        if folder is not None and peft_is_loading():
+            check_saved_adapter(folder, peft_config.placement, peft_config.alpha, planned,
+                                peft_config.modules_to_save, model)
 
     def _create_and_replace(
         self,
@@ -147,11 +134,7 @@ class SurmModel(BaseTuner):
                 if not signatures_agree(saved, built):
                     _remove_adapter(model, adapter_name)
                     module = ckpt_key.removeprefix(prefix).removesuffix(".surm_signature")
-                    raise ValueError(
-                        f"surm: the adapter's tensors for {module} were saved as {_describe(saved)}, but its "
-                        f"config builds {_describe(built)}. adapter_config.json does not describe these "
-                        f"weights; set structure, its knobs, placement and alpha back to what was trained."
-                    )
+                    raise ValueError(signature_mismatch(module, saved, built))
                 remapped[key] = own[model_key].clone()  # agreed: keep the full one (older files lack alpha)
         for ckpt_key, key, model_key in pairs:
             if model_key not in own:
@@ -164,10 +147,7 @@ class SurmModel(BaseTuner):
             else:
                 continue
             _remove_adapter(model, adapter_name)
-            raise ValueError(
-                f"surm: the adapter does not fit this base model: {problem}. Was it saved for a different "
-                f"base model or with other knobs?"
-            )
+            raise ValueError(misfit(problem))
         return _with_signatures(remapped, own, adapter_name, needs_prefix, prefix)
 
     def _check_merge_allowed(self) -> None:
@@ -246,6 +226,38 @@ def matched_targets(config: SurmConfig, model: nn.Module) -> list[tuple[str, nn.
     return matched
 
 
+def planned_matrix(config: SurmConfig, key: str, base: nn.Module) -> structured.StructuredMatrix:
+    """The S that ``config`` builds on target ``key`` (base layer ``base``), on the meta device:
+    nothing allocated. Raises ValueError naming the module and the fix when its structure does
+    not take its knobs, the knobs do not fit its shape, or fused=True meets a quantized weight."""
+    n_in, n_out = features(base)
+    m, n = (n_out, n_out) if config.placement == "serial" else (n_out, n_in)
+    structure, knobs = config.structure_for(key), config.knobs_for(key)
+    accepted = structured.knob_names(structure)
+    foreign = [k for k in knobs if k not in accepted]
+    if foreign:
+        raise ValueError(
+            f"surm: cannot adapt {key}: its structure is {structure!r} but knob_pattern gives it "
+            f"{', '.join(foreign)} (knobs of {structure}: {', '.join(accepted) or 'none'}). Make the "
+            f"knob_pattern key that matches {key} fit its structure, or give the module its own key."
+        )
+    fmt = quantized.weight_format(base)
+    if config.fused and config.placement == "parallel" and fmt != "dense":
+        raise ValueError(
+            f"surm: cannot adapt {key} with fused=True: its weight is {fmt} ({type(base.weight).__name__}), "
+            f"and the fused path builds W0 + alpha S from a plain float weight. Leave fused=None (the "
+            f"default): on a quantized layer the adapter runs beside the layer's own matmul."
+        )
+    try:
+        return structured.make(structure, m, n, device="meta", **knobs)
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"surm: cannot adapt {key} ({type(base).__name__} {n_in}->{n_out}, {config.placement} "
+            f"S of shape {m}x{n}): {err}. Set a knob that fits, for this module alone with "
+            f"knob_pattern={{'{key.rsplit('.', 1)[-1]}': {{...}}}}."
+        ) from None
+
+
 def _include_all_linear_layers(config: SurmConfig, model: nn.Module) -> None:
     """PEFT's ``all-linear`` expansion, plus the Linear/Conv1D layers already wrapped by a SURM
     adapter (PEFT recognises wrapped layers by a class name containing "Linear", which
@@ -317,25 +329,52 @@ def _with_signatures(
     return remapped
 
 
-def _describe(signature: dict[str, Any]) -> str:
-    knobs = ", ".join(f"{k}={v}" for k, v in signature.items() if k not in ("structure", "placement", "alpha"))
-    alpha = f" and alpha={signature['alpha']}" if "alpha" in signature else ""
-    return f"{signature['structure']}({knobs}) with placement={signature['placement']!r}{alpha}"
-
-
 def _remove_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Take a half-loaded adapter out again, leaving the base model as it was before loading:
+    """Take a half-loaded adapter out again, leaving the model as it was before it was injected:
     its modules, which parameters require grad, and no ``peft_config`` attribute left behind."""
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, SurmModel):
         return
-    if list(tuner.peft_config) != [adapter_name]:
+    before = getattr(tuner, "_before_last_injection", None)
+    if before is None or before.adapter_name != adapter_name:
         tuner.delete_adapter(adapter_name)
         return
-    base = tuner.unload()
-    pristine = tuner._pristine
-    for name, param in base.named_parameters():
-        if name in pristine["requires_grad"]:
-            param.requires_grad_(pristine["requires_grad"][name])
-    if not pristine["had_peft_config"] and "peft_config" in vars(base):
-        del base.peft_config
+    before.restore(tuner)
+
+
+class _Before:
+    """A model as it was before adapter ``adapter_name`` was injected: the module object at each
+    place, which parameters required grad, whether it had a ``peft_config`` attribute. It holds
+    references only (no tensor is copied); :meth:`restore` puts it back."""
+
+    def __init__(self, model: nn.Module, adapter_name: str) -> None:
+        self.model = model
+        self.adapter_name = adapter_name
+        self.modules = dict(model.named_modules())
+        self.requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+        self.had_peft_config = "peft_config" in vars(model)
+
+    def restore(self, tuner: SurmModel) -> None:
+        """Unwrap every module the injection wrapped, drop the adapter from layers that carried
+        SURM adapters before, and set requires_grad and ``peft_config`` back."""
+        self._put_modules_back()
+        name = self.adapter_name
+        for module in self.model.modules():
+            if isinstance(module, SurmLayer) and name in module.surm_matrix:
+                module.delete_adapter(name)
+            elif isinstance(module, AuxiliaryTrainingWrapper):
+                module.delete_adapter(name, new_active_adapters=[a for a in module.active_adapters if a != name])
+        for param, flag in self.requires_grad:
+            param.requires_grad_(flag)
+        tuner.peft_config.pop(name, None)
+        if not self.had_peft_config and "peft_config" in vars(self.model):
+            del self.model.peft_config
+
+    def _put_modules_back(self) -> None:
+        for key in sorted(self.modules, key=lambda k: k.count(".")):  # parents first
+            if not key:
+                continue
+            parent_key, _, attribute = key.rpartition(".")
+            parent = self.model.get_submodule(parent_key)
+            if getattr(parent, attribute, None) is not self.modules[key]:
+                setattr(parent, attribute, self.modules[key])
