@@ -15,6 +15,7 @@ from peft.utils import CONFIG_NAME
 
 from surm import structured
 
+from .atomic_files import remove_orphans, replaced_atomically
 from .model_card import public_model_id, write_model_card
 from .scaling import SCALINGS
 
@@ -269,10 +270,12 @@ class SurmConfig(PeftConfig):
         """PEFT's read of ``adapter_config.json``, after checks that name the file: it must be JSON
         and a SURM config (not LoRA fields under an edited ``peft_type``). The folder is
         remembered (``_source``, not saved), so that a load from it checks the weights file
-        against the model before any module is replaced (:mod:`.file_checks`)."""
+        against the model before any module is replaced (:mod:`.file_checks`). Temporaries an
+        interrupted save left in the folder are removed (:mod:`.atomic_files`)."""
         folder = Path(pretrained_model_name_or_path) / (subfolder or "")
         local = (folder / CONFIG_NAME).is_file()
         if local:
+            remove_orphans(folder)
             _check_saved_config(folder / CONFIG_NAME)
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, SurmConfig):
@@ -281,11 +284,15 @@ class SurmConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
         """PEFT's save, with a base model loaded from a package folder recorded by its public
-        Hub id, and the model card PEFT wrote beside it made a SURM adapter card."""
+        Hub id, and the model card PEFT wrote beside it made a SURM adapter card. Both files are
+        written under a temporary name and renamed into place, and temporaries an interrupted
+        save left in the folder are removed first (:mod:`.atomic_files`)."""
+        remove_orphans(save_directory)
         local = self.base_model_name_or_path
         self.base_model_name_or_path = public_model_id(local)
         try:
-            super().save_pretrained(save_directory, **kwargs)
+            with replaced_atomically(Path(save_directory) / CONFIG_NAME) as temporary:
+                super().save_pretrained(str(temporary), **kwargs)
             write_model_card(save_directory, self)
         finally:
             # the live config keeps the local path: PEFT reads it again on the next save, and a

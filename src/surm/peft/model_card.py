@@ -13,6 +13,8 @@ import re
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
+from .atomic_files import replaced_atomically
+
 if TYPE_CHECKING:
     from .config import SurmConfig
 
@@ -50,7 +52,7 @@ def public_model_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
-def write_model_card(directory: str | Path, config: "SurmConfig") -> None:
+def write_model_card(directory: str | Path, config: SurmConfig) -> None:
     """Turn the card PEFT just wrote into a SURM adapter card: the ``surm`` tag, public
     base-model ids, and a body that says how to load the adapter.
 
@@ -82,7 +84,8 @@ def write_model_card(directory: str | Path, config: "SurmConfig") -> None:
         versions = _framework_versions(text)
         own = "" if _is_peft_template(text) else text.replace(versions, "").strip()
         card.text = "\n".join(part for part in (_MARKER, _body(config, base), _MARKER, own, versions) if part) + "\n"
-    card.save(path)
+    with replaced_atomically(path) as temporary:
+        card.save(temporary)
 
 
 def _is_peft_template(text: str) -> bool:
@@ -95,7 +98,7 @@ def _framework_versions(text: str) -> str:
     return match.group(0).strip() if match else ""
 
 
-def _body(config: "SurmConfig", base: str | None) -> str:
+def _body(config: SurmConfig, base: str | None) -> str:
     from surm._version import __version__
 
     knobs = ", ".join(f"{k}={v}" for k, v in config.knobs().items()) or "the family's defaults"
@@ -105,6 +108,7 @@ def _body(config: "SurmConfig", base: str | None) -> str:
                   f"{', '.join(f'`{f}`' for f in families)}")
     targets = config.target_modules
     targets = ", ".join(sorted(targets)) if isinstance(targets, (set, list, tuple)) else str(targets)
+    activation = f" (serial, activation `{config.activation}`)" if config.placement == "serial" else ""
     base_line = f"`{base}`" if base else "its base model"
     load_base = f'"{base}"' if base else '"<base model>"'
     task = str(getattr(config.task_type, "value", config.task_type) or "")
@@ -122,7 +126,7 @@ on top of Hugging Face PEFT.
 | | |
 |---|---|
 | structure | `{config.structure}` ({knobs}) |
-| placement | `{config.placement}`{" (serial, activation `" + config.activation + "`)" if config.placement == "serial" else ""} |
+| placement | `{config.placement}`{activation} |
 | alpha | {config.alpha} |
 | target modules | {targets} |
 | surm version | {__version__} |
