@@ -206,3 +206,42 @@ def test_bench_adapters_quick_measures_mixed_batches_and_loading(tmp_path):
     assert all(r["prefill_ratio"] > 0 and r["tensor_bytes_per_adapter"] > 0 for r in rows)
     (load,) = result["loading"]
     assert load["adapters"] == 3 and load["peft_calls_timed"] == 3 and load["load_adapters_s"] > 0
+
+
+def test_bench_quantized_quick_trains_on_every_base_and_reports_each_merge(tmp_path, capsys):
+    """``surm bench quantized --quick`` on the tiny Llama: every (base, method) trains and is
+    timed against LoRA on the same base; bitsandbytes bases shrink the weights and merge by
+    requantizing (surm's reported rounding beside the logit error), torchao merges of SURM are
+    refused with the reason."""
+    argv = ["bench", "quantized", "--quick", "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = {(r["format"], r["method"]): r for r in json.loads((tmp_path / "quantized.json").read_text())["results"]}
+    formats = ("float32", "bnb-int8", "bnb-nf4", "torchao-int8")
+    methods = ("surm circulant q,v", "surm circulant all", "lora r=8 q,v")
+    assert set(rows) == {(f, m) for f in formats for m in methods}
+    assert all(r["step_s"] > 0 and r["step_peak_bytes"] > 0 for r in rows.values())
+    assert all(rows[(f, "lora r=8 q,v")]["vs_lora"] == 1.0 for f in formats)
+    assert all(rows[("float32", m)]["vs_float32"] == 1.0 for m in methods)
+    qv, every = rows[("float32", "surm circulant q,v")], rows[("float32", "surm circulant all")]
+    assert 0 < qv["adapter_parameters"] < every["adapter_parameters"]
+    for fmt in ("bnb-int8", "bnb-nf4", "torchao-int8"):
+        assert rows[(fmt, methods[0])]["weight_bytes"] < rows[("float32", methods[0])]["weight_bytes"]
+    assert qv["merge"] == "exact" and qv["logits_merge_error"] < 1e-5 < qv["logits_adapter_effect"]
+    for fmt in ("bnb-int8", "bnb-nf4"):
+        merged = rows[(fmt, "surm circulant all")]
+        assert merged["merge"] == "requantized" and merged["surm_weight_rounding"] > 0
+        assert "quantized layer(s)" in merged["surm_warning"] and merged["logits_merge_error"] > 0
+    refused = rows[("torchao-int8", "surm circulant q,v")]
+    assert refused["merge"] == "refused" and "torchao-quantized" in refused["reason"]
+    out = capsys.readouterr().out
+    assert "| bnb-nf4 | surm circulant all |" in out and "refused (surm circulant q,v on torchao-int8" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantized", "--formats", "int4"], "--formats: unknown format(s) int4; choose from float32, bnb-int8"),
+    (["adapters", "--steps", "2"], "--steps applies to quantized"),
+    (["quantized", "--seq-len", "1"], "--seq-len must be at least 2"),
+])
+def test_bench_quantized_rejects_bad_options(argv, message, capsys):
+    assert main(["bench", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -11,7 +11,9 @@ One module per benchmark:
 - :mod:`~surm.bench.fused` (``fused``): the fused parallel layer against the plain one, and
   (``--policy``) the token count where fused starts to win;
 - :mod:`~surm.bench.adapters` (``adapters``): SmolLM2-135M with N adapters, batches whose rows
-  mix them (``adapter_names``) against one adapter, and loading N saved adapters.
+  mix them (``adapter_names``) against one adapter, and loading N saved adapters;
+- :mod:`~surm.bench.quantized` (``quantized``): SURM and LoRA training steps and merges on
+  float32, bitsandbytes int8 / nf4 and torchao int8 SmolLM2-135M bases.
 
 :mod:`~surm.bench.peft_comparison` runs the first three together; :mod:`~surm.bench.timing`
 (interleaved rounds), :mod:`~surm.bench.memory` (saved-for-backward bytes, allocation peaks)
@@ -21,7 +23,7 @@ in the same rounds. This module imports nothing, so the command line can read th
 """
 
 #: The benchmarks, in the order ``surm bench`` runs them.
-PARTS = ("layers", "steps", "inference", "ops", "fused", "llm", "adapters")
+PARTS = ("layers", "steps", "inference", "ops", "fused", "llm", "adapters", "quantized")
 #: The parts ``surm bench`` runs when none is named: SURM against PEFT's LoRA, C3A, LoKr,
 #: FourierFT and VeRA.
 PEFT_PARTS = ("layers", "steps", "inference")
@@ -63,3 +65,5 @@ LLM_METHODS = (
 )
 #: The references of the ``llm`` part.
 LLM_REFERENCE_METHODS = ("head", "lora:16")
+#: The base formats of the ``quantized`` part, in the order of its table.
+QUANT_FORMATS = ("float32", "bnb-int8", "bnb-nf4", "torchao-int8")

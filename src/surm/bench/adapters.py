@@ -84,7 +84,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
+def randomize_adapters(model: torch.nn.Module, generator: torch.Generator) -> None:
     """Every adapter tensor drawn at random (LoRA's B and SURM's zero init would make the update 0)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,7 +104,7 @@ def build(base: torch.nn.Module, method: BenchMethod, count: int) -> tuple[Any, 
     peft_model = peft.get_peft_model(model, method.config(), adapter_name="a0")
     for i in range(1, count):
         peft_model.add_adapter(f"a{i}", method.config())
-    _randomize(peft_model, torch.Generator().manual_seed(count))
+    randomize_adapters(peft_model, torch.Generator().manual_seed(count))
     gc.collect()
     grown = _rss_bytes() - before
     tensor_bytes = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters()
@@ -185,7 +185,7 @@ def loading(base: torch.nn.Module, method: BenchMethod, count: int, *, peft_budg
         generator = torch.Generator().manual_seed(1)
         folders = {}
         for i in range(count + 1):
-            _randomize(model, generator)
+            randomize_adapters(model, generator)
             folders[f"a{i}"] = Path(tmp) / f"a{i}"
             model.save_pretrained(folders[f"a{i}"])
         del model

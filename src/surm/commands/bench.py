@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from surm.bench import DEFAULT_METHODS, PARTS, PEFT_PARTS, REFERENCE_METHODS
+from surm.bench import DEFAULT_METHODS, PARTS, PEFT_PARTS, QUANT_FORMATS, REFERENCE_METHODS
 from surm.commands.errors import UsageError
 from surm.harness.outputs import default_dir
 
@@ -35,6 +35,9 @@ same rounds. Parts:
   adapters   SmolLM2-135M with N adapters: batches whose rows use different adapters
              (adapter_names) against one adapter, SURM against LoRA r=8; resident memory per
              adapter; loading N saved adapters (load_adapters against PEFT's load_adapter)
+  quantized  SmolLM2-135M on float32, bitsandbytes int8 / nf4 and torchao int8 bases: SURM
+             circulant (q,v and every map) against LoRA r=8 (q,v) training steps, memory,
+             and what merging does on each base
 """
 
 EPILOG = f"""\
@@ -53,6 +56,7 @@ examples:
   surm bench ops --cost-model --threads 1             # docs/fused_policy.md
   surm bench fused --policy --threads 1 --repeats 7   # docs/fused_policy.md
   surm bench adapters --threads 1 --clock cpu         # docs/benchmarks.md, many adapters
+  surm bench quantized --threads 1 --clock cpu        # docs/benchmarks.md, quantized bases
 """
 
 #: options that only some parts read: dest -> (the parts, the flag as written)
@@ -71,9 +75,13 @@ _PART_OPTIONS = {
     "prompt_tokens": (("adapters",), "--prompt-tokens"),
     "new_tokens": (("adapters",), "--new-tokens"),
     "load_count": (("adapters",), "--load-count"),
+    "formats": (("quantized",), "--formats"),
+    "steps": (("quantized",), "--steps"),
+    "batch_size": (("quantized",), "--batch-size"),
+    "seq_len": (("quantized",), "--seq-len"),
 }
 #: interleaved rounds when --repeats is not given
-_DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15, "adapters": 3}
+_DEFAULT_REPEATS = {"peft": 10, "ops": 20, "fused": 15, "adapters": 3, "quantized": 3}
 #: --dtype choices (names of torch dtypes)
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 #: the parts that read --device and --dtype; the others run on the CPU in float32
@@ -128,6 +136,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     many.add_argument("--new-tokens", type=int, default=None, help="greedy tokens generated per row (default: 3)")
     many.add_argument("--load-count", type=int, default=None,
                       help="saved adapters loaded in the loading test (default: the largest of --counts)")
+    quant = p.add_argument_group("quantized")
+    quant.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
+                       help=f"base formats, any of {' '.join(QUANT_FORMATS)} (default: all)")
+    quant.add_argument("--steps", type=int, default=None,
+                       help="training steps per model in each timed round (default: 2)")
+    quant.add_argument("--batch-size", type=int, default=None, help="sequences per training step (default: 2)")
+    quant.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 128)")
     p.set_defaults(func=run)
     return p
 
@@ -150,10 +165,15 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
     numbers += [("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
                 ("--load-count", args.load_count, 1)]
     numbers += [("--shape", n, 1) for shape in args.shape or () for n in shape]
+    numbers += [("--steps", args.steps, 1), ("--batch-size", args.batch_size, 1), ("--seq-len", args.seq_len, 2)]
     for flag, value, least in numbers:
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     _check_device(args, parts)
+    unknown_formats = [f for f in args.formats or () if f not in QUANT_FORMATS]
+    if unknown_formats:
+        raise UsageError(f"--formats: unknown format(s) {', '.join(unknown_formats)}; choose from "
+                         f"{', '.join(QUANT_FORMATS)}")
     if args.profile and args.cost_model:
         raise UsageError("--profile and --cost-model are two different runs; give one")
     if args.profile:
@@ -257,4 +277,11 @@ def run(args: argparse.Namespace) -> int:
             adapters.run(counts=args.counts, prompt_tokens=args.prompt_tokens or 4, new_tokens=args.new_tokens or 3,
                          repeats=args.repeats or _DEFAULT_REPEATS["adapters"], clock=args.clock, out=out,
                          quick=args.quick, load_count=args.load_count)
+    if "quantized" in parts:
+        from surm.bench import quantized
+
+        with torch_threads(args.threads):
+            quantized.run(args.formats, steps=args.steps or 2, repeats=args.repeats or _DEFAULT_REPEATS["quantized"],
+                          batch=args.batch_size or 2, seq_len=args.seq_len or 128, clock=args.clock, out=out,
+                          quick=args.quick)
     return 0
