@@ -1,4 +1,4 @@
-"""SURM on quantized base layers: bitsandbytes 8-bit and 4-bit, torchao int8 weight-only.
+"""SURM on quantized base layers: bitsandbytes 8-bit and 4-bit, torchao int8 weight-only, HQQ 4-bit.
 
 For every family and placement: one training step's adapter gradient equals the same adapter's
 on a dense layer holding the dequantized weight; a merge either matches the unmerged model
@@ -24,7 +24,11 @@ from surm.peft.quantized import QuantizedMergeWarning, dequantized, weight_forma
 bnb = pytest.importorskip("bitsandbytes")
 
 IN, OUT = 128, 64
-FORMATS = ["bnb-int8", "bnb-4bit", "torchao-int8"]
+FORMATS = ["bnb-int8", "bnb-4bit", "torchao-int8", "hqq-4bit"]
+#: the formats a merge requantizes into
+REQUANTIZED = ["bnb-int8", "bnb-4bit", "hqq-4bit"]
+#: what surm.peft.quantized.weight_format calls each
+WEIGHT_FORMAT = {"bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "torchao-int8": "torchao", "hqq-4bit": "hqq"}
 PLACEMENTS = ["parallel", "serial"]
 
 
@@ -61,6 +65,10 @@ def quantize(fmt: str, linear: nn.Linear) -> nn.Module:
         holder = nn.Sequential(q)
         torchao.quantize_(holder, torchao.Int8WeightOnlyConfig())
         return holder[0]
+    if fmt == "hqq-4bit":
+        hqq = pytest.importorskip("hqq.core.quantize")
+        return hqq.HQQLinear(copy.deepcopy(linear), hqq.BaseQuantizeConfig(nbits=4, group_size=64),
+                             compute_dtype=torch.float32, device="cpu")
     raise ValueError(fmt)
 
 
@@ -128,8 +136,8 @@ def merge_case(structure: str, placement: str, fmt: str, bias: bool = True):
     return model, x
 
 
-@pytest.mark.parametrize("structure,placement,fmt", [c for c in grid() if c[2].startswith("bnb")])
-def test_bnb_merge_matches_unmerged_within_rounding(structure, placement, fmt):
+@pytest.mark.parametrize("structure,placement,fmt", [c for c in grid() if c[2] in REQUANTIZED])
+def test_requantized_merge_matches_unmerged_within_rounding(structure, placement, fmt):
     model, x = merge_case(structure, placement, fmt, bias=placement == "parallel")
     surm_layer = model.base_model.model.proj
     with torch.no_grad():
@@ -140,9 +148,10 @@ def test_bnb_merge_matches_unmerged_within_rounding(structure, placement, fmt):
             base = model.merge_and_unload()
         merged = base(x)
     layer = base.proj
-    assert weight_format(layer) == fmt and type(layer).__name__ in ("Linear8bitLt", "Linear4bit")
+    assert weight_format(layer) == WEIGHT_FORMAT[fmt]
+    assert type(layer).__name__ in ("Linear8bitLt", "Linear4bit", "HQQLinear")
     rounding = surm_layer.merge_rounding
-    assert rounding is not None and rounding.format == fmt and rounding.max_update > 0
+    assert rounding is not None and rounding.format == WEIGHT_FORMAT[fmt] and rounding.max_update > 0
     error = float((merged - unmerged).abs().max())
     # the stored weight is off the exact merge by at most e per entry, so each output by e * |x|_1
     bound = rounding.max_error * float(x.abs().sum(-1).max()) + 1e-5
@@ -156,6 +165,8 @@ def test_bnb_merge_matches_unmerged_within_rounding(structure, placement, fmt):
 
 def _weight_bytes(layer: nn.Module) -> list[torch.Tensor]:
     """Everything a quantized weight is stored as (its data and quantization statistics)."""
+    if weight_format(layer) == "hqq":
+        return [t.clone() for t in (layer.W_q.data, layer.meta["scale"], layer.meta["zero"])]
     w = layer.weight
     tensors = [w.data]
     if weight_format(layer) == "bnb-4bit":
@@ -163,7 +174,7 @@ def _weight_bytes(layer: nn.Module) -> list[torch.Tensor]:
     return [t.clone() for t in tensors]
 
 
-@pytest.mark.parametrize("fmt", ["bnb-int8", "bnb-4bit"])
+@pytest.mark.parametrize("fmt", REQUANTIZED)
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_unmerge_restores_the_quantized_weight_bit_for_bit(fmt, placement):
     model, x = merge_case("toeplitz", placement, fmt)
@@ -255,10 +266,10 @@ def test_fused_true_on_a_quantized_layer_is_refused(fmt):
         get_peft_model(Net(q), config("circulant", "parallel", fused=True))
 
 
-@pytest.mark.parametrize("direction", ["4bit->dense", "dense->4bit", "8bit->dense"])
+@pytest.mark.parametrize("direction", ["4bit->dense", "dense->4bit", "8bit->dense", "hqq->dense", "dense->hqq"])
 def test_adapter_saved_on_one_base_loads_on_the_other(direction, tmp_path):
     source_fmt, target_fmt = direction.split("->")
-    fmt_of = {"4bit": "bnb-4bit", "8bit": "bnb-int8", "dense": None}
+    fmt_of = {"4bit": "bnb-4bit", "8bit": "bnb-int8", "hqq": "hqq-4bit", "dense": None}
     linear = dense_linear()
 
     def base(fmt):

@@ -51,8 +51,9 @@ _ACTIVATIONS = {
 
 
 def layer_kind(module: nn.Module) -> str | None:
-    """'linear', 'conv1d' or 'conv2d' for supported layers, None otherwise."""
-    if isinstance(module, nn.Linear):
+    """'linear', 'conv1d' or 'conv2d' for supported layers, None otherwise (an HQQ ``HQQLinear`` is
+    a linear layer without a ``weight``: see :mod:`.quantized`)."""
+    if isinstance(module, nn.Linear) or quantized.is_hqq(module):
         return "linear"
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers.pytorch_utils.Conv1D
         return "conv1d"
@@ -66,8 +67,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
     kind = layer_kind(module)
     if kind is None:
         return (
-            f"{type(module).__name__} layers are not supported; SURM adapts nn.Linear, "
-            f"transformers Conv1D and 1x1 nn.Conv2d layers"
+            f"{type(module).__name__} layers are not supported; SURM adapts nn.Linear (plain or quantized by "
+            f"bitsandbytes or torchao), HQQ's HQQLinear, transformers Conv1D and 1x1 nn.Conv2d layers"
         )
     if kind == "conv2d":
         pointwise = (
@@ -281,7 +282,7 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         the tuner passes the module's own, ``config.structure_for(name)``) with ``knobs``.
         ``reactivate=False`` sets only the new adapter's ``requires_grad`` instead of calling
         ``set_adapter`` over every adapter of the layer (loading many adapters stays linear)."""
-        weight = self.get_base_layer().weight
+        weight = quantized.stored_weight(self.get_base_layer())
         # The adapter takes the base weight's floating dtype (for a quantized weight: the dtype it
         # stands for). PEFT then raises half precision to float32 unless get_peft_model(...,
         # autocast_adapter_dtype=False); either way the FFTs run in a float32 island.
@@ -328,8 +329,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         (out, in) weight: Linear or Conv1D with a plain float weight (not quantized, no tensor
         subclass); a quantized layer runs its own matmul and the adapter is added beside it."""
         dropout_active = self.training and isinstance(self.surm_dropout[adapter], nn.Dropout)
-        weight = self.get_base_layer().weight
-        return self.kind in ("linear", "conv1d") and not dropout_active and quantized.is_plain_dense(weight)
+        plain = quantized.has_plain_dense_weight(self.get_base_layer())
+        return self.kind in ("linear", "conv1d") and not dropout_active and plain
 
     def _parallel_update(self, adapter: str, x: torch.Tensor) -> torch.Tensor:
         """alpha * S(dropout(x)) along the feature axis."""

@@ -107,6 +107,14 @@ class SurmModel(BaseTuner):
             new_module.requires_grad_(False)  # an added adapter is not trainable until set active
         self._replace_module(parent, target_name, new_module, target)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT's, but unloading (``new_module`` is ``child``'s own base layer) only puts the base layer
+        back: PEFT would copy ``child.weight`` onto it, which an HQQ layer does not have."""
+        if isinstance(child, SurmLayer) and new_module is child.get_base_layer():
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: SurmConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -243,8 +251,9 @@ def planned_matrix(config: SurmConfig, key: str, base: nn.Module) -> structured.
         )
     fmt = quantized.weight_format(base)
     if config.fused and config.placement == "parallel" and fmt != "dense":
+        stored = type(quantized.stored_weight(base)).__name__
         raise ValueError(
-            f"surm: cannot adapt {key} with fused=True: its weight is {fmt} ({type(base.weight).__name__}), "
+            f"surm: cannot adapt {key} with fused=True: its weight is {fmt} ({stored}), "
             f"and the fused path builds W0 + alpha S from a plain float weight. Leave fused=None (the "
             f"default): on a quantized layer the adapter runs beside the layer's own matmul."
         )

@@ -9,6 +9,8 @@ format          base weight                                  merge
 ``bnb-int8``    bitsandbytes ``Int8Params`` (Linear8bitLt)   dequantize, add, requantize (int8 per row)
 ``bnb-4bit``    bitsandbytes ``Params4bit`` (Linear4bit)     dequantize, add, requantize (same quant_type,
                                                              blocksize, double quantization, storage)
+``hqq``         HQQ ``HQQLinear`` (packed ``W_q`` and        dequantize, add, requantize (the layer's own
+                its ``meta``; the layer has no ``weight``)   ``quant_config``: bits, group size, axis)
 ``torchao``     a torchao tensor subclass                    refused: no general way back to the format
 ``subclass``    any other tensor subclass                    refused
 ==============  ===========================================  ===========================================
@@ -25,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -37,8 +40,25 @@ def is_plain_dense(weight: torch.Tensor) -> bool:
     return type(weight) in _PLAIN and weight.is_floating_point()
 
 
+def is_hqq(module: nn.Module) -> bool:
+    """An HQQ ``HQQLinear`` layer (told by its class name: hqq is never imported here)."""
+    return type(module).__name__ == "HQQLinear"
+
+
+def has_plain_dense_weight(module: nn.Module) -> bool:
+    """Whether ``module`` holds a plain float ``weight`` (:func:`is_plain_dense`)."""
+    return not is_hqq(module) and is_plain_dense(module.weight)
+
+
+def stored_weight(module: nn.Module) -> torch.Tensor:
+    """The tensor ``module``'s weight is stored in: ``weight``, or an HQQ layer's packed ``W_q``."""
+    return module.W_q if is_hqq(module) else module.weight
+
+
 def weight_format(module: nn.Module) -> str:
-    """The format of ``module.weight``: one of the table's rows (see the module docstring)."""
+    """The format of ``module``'s weight: one of the table's rows (see the module docstring)."""
+    if is_hqq(module):
+        return "hqq"
     w = module.weight
     name = type(w).__name__
     if name == "Params4bit":
@@ -55,7 +75,7 @@ def weight_format(module: nn.Module) -> str:
 def merge_problem(module: nn.Module) -> str | None:
     """Why nothing can be merged into ``module``'s weight, or None if it can."""
     fmt = weight_format(module)
-    w = module.weight
+    w = stored_weight(module)
     if fmt in ("torchao", "subclass"):
         what = "a torchao-quantized" if fmt == "torchao" else "a tensor subclass"
         return (
@@ -86,6 +106,8 @@ def _int8_scales(module: nn.Module) -> torch.Tensor | None:
 def float_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype ``module``'s weight stands for: its own dtype when it is floating, the dtype
     a 4-bit weight was quantized from, float32 otherwise."""
+    if is_hqq(module):
+        return module.compute_dtype
     w = module.weight
     if weight_format(module) == "bnb-4bit" and w.quant_state is not None:
         return w.quant_state.dtype
@@ -96,6 +118,8 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32, saved: Sa
     """``module.weight`` (or the weight ``saved`` from it) as a dense (out, in) tensor of ``dtype``
     (a new tensor for quantized formats)."""
     fmt = weight_format(module)
+    if fmt == "hqq":
+        return _hqq_dequantized(module, saved).to(dtype)
     w = module.weight if saved is None else saved.weight
     if fmt == "bnb-4bit":
         import bitsandbytes as bnb
@@ -113,16 +137,28 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32, saved: Sa
     return w.data.to(dtype)
 
 
+def _hqq_dequantized(module: nn.Module, saved: Saved | None) -> torch.Tensor:
+    """An HQQ layer's (out, in) weight in its compute dtype, or that of the ``W_q`` and ``meta`` ``saved``
+    from it (dequantized by the layer class's own code, which reads only ``ready``, ``W_q`` and ``meta``)."""
+    if saved is None:
+        return module.dequantize()
+    return type(module).dequantize(SimpleNamespace(ready=True, W_q=saved.weight, meta=saved.state))
+
+
 @dataclass
 class Saved:
-    """What a requantizing merge replaces, to put back bit for bit on unmerge."""
+    """What a requantizing merge replaces, to put back bit for bit on unmerge: the weight object
+    and a bitsandbytes int8 layer's state (``CB``, ``SCB``), or an HQQ layer's ``W_q`` and ``meta``."""
 
     weight: nn.Parameter
-    state: tuple | None
+    state: tuple | dict | None
 
 
 def save(module: nn.Module) -> Saved:
-    """Keep the quantized weight object (merges replace it, never write into it) and an int8 layer's state."""
+    """Keep the quantized weight object (merges replace it, never write into it) and an int8 layer's
+    state, or an HQQ layer's packed weight and its ``meta`` (requantizing makes new ones)."""
+    if is_hqq(module):
+        return Saved(module.W_q, module.meta)
     state = getattr(module, "state", None)
     kept = None if state is None or weight_format(module) != "bnb-int8" else (state.CB, state.SCB)
     return Saved(module.weight, kept)
@@ -134,6 +170,9 @@ def _saved_scales(saved: Saved) -> torch.Tensor | None:
 
 
 def restore(module: nn.Module, saved: Saved) -> None:
+    if is_hqq(module):
+        module.W_q, module.meta = saved.weight, saved.state
+        return
     module.weight = saved.weight
     if saved.state is not None:
         module.state.CB, module.state.SCB = saved.state
@@ -141,9 +180,16 @@ def restore(module: nn.Module, saved: Saved) -> None:
 
 def requantize(module: nn.Module, matrix: torch.Tensor) -> None:
     """Replace ``module.weight`` by ``matrix`` (out, in) quantized in the weight's own format and settings."""
+    fmt = weight_format(module)
+    if fmt == "hqq":  # quantized by a fresh layer of the same settings: new W_q and meta, the saved ones untouched
+        settings = {**module.quant_config, "offload_meta": module.offload_meta}
+        fresh = type(module)(None, settings, compute_dtype=module.compute_dtype, device=module.device,
+                             initialize=False)
+        fresh.quantize(matrix.to(module.compute_dtype).contiguous(), **module.quant_config)
+        module.W_q, module.meta = fresh.W_q, fresh.meta
+        return
     import bitsandbytes as bnb
 
-    fmt = weight_format(module)
     w = module.weight
     if fmt == "bnb-4bit":
         source_dtype = w.quant_state.dtype if w.quant_state is not None else torch.float32
