@@ -236,3 +236,25 @@ def test_a_path_like_adapter_name_is_refused(tmp_path, name):
     with pytest.raises(ValueError, match="cannot be used"):
         surm.peft.load_adapters(model, {name: path})
     _assert_unchanged(model, before)
+
+
+def test_a_config_read_from_one_folder_and_given_to_the_load_of_another_is_not_checked_against_the_first(tmp_path):
+    """config= read from folder a (whose weights are truncated), weights from folder b: the load
+    reads b, so a's file is not what is checked."""
+    good = _saved(tmp_path / "b")
+    other = _saved(tmp_path / "a")
+    _truncated(other)
+    model = peft.PeftModel.from_pretrained(mlp()[0], good, config=surm.SurmConfig.from_pretrained(other))
+    saved = load_file(good / "adapter_model.safetensors")
+    assert torch.equal(model.base_model.model.fc1.surm_matrix["default"].weight,
+                       saved["base_model.model.fc1.surm_matrix.weight"])
+
+
+def test_a_subfolder_is_checked_before_any_module_is_replaced(tmp_path, replacements):
+    _saved(tmp_path / "adapters" / "one")
+    _edit_config(tmp_path / "adapters" / "one", structure="toeplitz")
+    replacements.clear()
+    base = mlp()[0]
+    with pytest.raises(ValueError, match="saved as circulant"):
+        peft.PeftModel.from_pretrained(base, tmp_path / "adapters", subfolder="one")
+    assert replacements == []

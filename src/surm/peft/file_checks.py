@@ -13,6 +13,7 @@ File keys are ``base_model.model.<module>.<store>[.<parameter>]``: PEFT drops th
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,19 +34,31 @@ _OTHER_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32":
                  "BOOL": torch.bool}
 
 
-def peft_is_loading() -> bool:
-    """Whether PEFT's ``PeftModel.from_pretrained`` or ``load_adapter`` is on the call stack: then
-    the adapter being injected is about to receive a saved file's weights. (``get_peft_model``
-    with a config read from a folder starts a new adapter: its folder is not checked.)"""
+def folder_being_loaded() -> Path | None:
+    """The folder (``model_id``) that PEFT's ``PeftModel.from_pretrained`` or ``load_adapter``,
+    the innermost one on the call stack, is loading; None when neither runs: then the adapter
+    being injected is a new one (``get_peft_model``), whatever config it was given."""
     from peft import PeftModel
 
     loaders = {PeftModel.from_pretrained.__func__.__code__, PeftModel.load_adapter.__code__}
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code in loaders:
-            return True
+            model_id = frame.f_locals.get("model_id")
+            return Path(model_id) if isinstance(model_id, (str, os.PathLike)) else None
         frame = frame.f_back
-    return False
+    return None
+
+
+def is_loading_from(folder: Path | None) -> bool:
+    """Whether PEFT is loading the adapter saved in ``folder`` (the folder a config was read
+    from): it loads that folder or the one above it (``subfolder=``). A config read from one
+    folder and passed to a load of another (``config=``) is not checked against either."""
+    loading = folder_being_loaded()
+    if folder is None or loading is None:
+        return False
+    folder, loading = folder.resolve(), loading.resolve()
+    return loading == folder or loading in folder.parents
 
 
 def check_saved_adapter(folder: Path, placement: str, alpha: float, planned: dict[str, structured.StructuredMatrix],

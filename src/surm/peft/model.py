@@ -22,7 +22,7 @@ from surm import structured
 
 from . import quantized
 from .config import SurmConfig
-from .file_checks import check_saved_adapter, misfit, peft_is_loading, signature_mismatch
+from .file_checks import check_saved_adapter, is_loading_from, misfit, signature_mismatch
 from .layer import SurmLayer, check_adapter_name, decode_signature, features, signatures_agree, unsupported_reason
 from .mixed import adapter_names_hooks
 from .targets import PARALLEL_TARGETS, default_targets
@@ -83,7 +83,7 @@ class SurmModel(BaseTuner):
         _check_patterns_match(peft_config, [key for key, _ in targets])
         planned = {key: planned_matrix(peft_config, key, base) for key, base in targets}
         folder = getattr(peft_config, "_source", None)
-        if folder is not None and peft_is_loading():
+        if is_loading_from(folder):
             check_saved_adapter(folder, peft_config.placement, peft_config.alpha, planned,
                                 peft_config.modules_to_save, model)
 
