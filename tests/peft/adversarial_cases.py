@@ -85,6 +85,8 @@ FOLDERS = {
     "signature bytes damaged": lambda p: _edit_weights(_surm_folder(p), _signatures(lambda v: torch.full_like(v, 255))),
     "every tensor cast to half": lambda p: _edit_weights(_surm_folder(p), _all_half),
     "int64 signature": lambda p: _edit_weights(_surm_folder(p), _signatures(lambda v: v.long())),
+    "oversized signature": lambda p: _edit_weights(
+        _surm_folder(p), _signatures(lambda v: torch.full((2**20,), ord(" "), dtype=torch.uint8))),
     "only float tensors cast": lambda p: _edit_weights(
         _surm_folder(p), lambda sd: {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}),
     "huge rank": lambda p: _edit_config(_surm_folder(p, structure="ldr"), rank=1_000_000),

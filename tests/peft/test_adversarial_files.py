@@ -30,6 +30,8 @@ ERRORS = {
     "signature bytes damaged": ("DamagedSignatureError", r"surm_signature does not hold JSON text.*damaged"),
     "every tensor cast to half": ("DamagedSignatureError", r"signature is a torch\.float16 tensor.*cast every tensor"),
     "int64 signature": ("DamagedSignatureError", r"signature is a torch\.int64 tensor.*not a uint8 vector"),
+    "oversized signature": ("DamagedSignatureError", r"surm_signature holds 1048576 bytes; a SURM signature is JSON "
+                                                     r"text of at most 4096"),
     "huge rank": ("ValueError", r"ldr: rank=1000000 is above what a 12x10 matrix can use"),
     "huge block_size": ("ValueError", r"block_size=1000000000 must divide"),
     "SURM peft_type on LoRA weights": ("ValueError", r"says peft_type 'SURM' but holds LoRA's fields"),

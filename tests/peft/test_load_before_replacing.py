@@ -258,3 +258,16 @@ def test_a_subfolder_is_checked_before_any_module_is_replaced(tmp_path, replacem
     with pytest.raises(ValueError, match="saved as circulant"):
         peft.PeftModel.from_pretrained(base, tmp_path / "adapters", subfolder="one")
     assert replacements == []
+
+
+def test_a_second_adapter_with_modules_to_save_failing_after_injection_leaves_the_first_s_head(tmp_path):
+    first = _saved(tmp_path / "a", modules_to_save=["head"])
+    second = _saved(tmp_path / "b", modules_to_save=["head"], structure="toeplitz")
+    model = peft.PeftModel.from_pretrained(mlp()[0], first)
+    before = _snapshot(model)
+    model.add_adapter("b", surm.SurmConfig(target_modules=["fc1", "fc2"], modules_to_save=["head"]))
+    assert "b" in model.base_model.model.head.modules_to_save
+    with pytest.raises(ValueError, match="saved as toeplitz"):
+        model.load_adapter(second, adapter_name="b")
+    _assert_unchanged(model, before)
+    assert list(model.base_model.model.head.modules_to_save) == ["default"]

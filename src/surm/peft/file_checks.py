@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,24 +132,19 @@ def _expected_tensors(
     return shapes, signatures
 
 
-class _opened:
-    """``safe_open`` of the weights, a damaged or truncated file reported as a ValueError naming it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __enter__(self):
-        try:
-            self.file = safe_open(str(self.path), framework="pt")
-            return self.file.__enter__()
-        except SafetensorError as err:
-            raise ValueError(
-                f"surm: {self.path} is not a readable safetensors file ({err}): it is truncated (an interrupted save "
-                f"or copy) or damaged. Save the adapter again."
-            ) from None
-
-    def __exit__(self, *exc: Any) -> None:
-        self.file.__exit__(*exc)
+@contextmanager
+def _opened(path: Path) -> Iterator[Any]:
+    """``safe_open`` of the weights (it reads the header and checks that the file covers every
+    tensor it lists), a damaged or truncated file reported as a ValueError naming it."""
+    try:
+        file = safe_open(str(path), framework="pt")
+    except SafetensorError as err:
+        raise ValueError(
+            f"surm: {path} is not a readable safetensors file ({err}): it is truncated (an interrupted save or "
+            f"copy) or damaged. Save the adapter again."
+        ) from None
+    with file:
+        yield file
 
 
 def _torch_dtype(dtype: str) -> torch.dtype | str:
