@@ -92,8 +92,8 @@ def check_saved_adapter(folder: Path, placement: str, alpha: float, planned: dic
             _check_saved_module_tensor(key, shape, modules_to_save, model)
     missing = [key for key in expected if key not in header]
     if missing:
-        raise ValueError(misfit(f"the config builds {missing[0]!r} (and {len(missing) - 1} more tensors), which "
-                                f"the file does not hold"))
+        more = f" (and {len(missing) - 1} more tensors)" if len(missing) > 1 else ""
+        raise ValueError(misfit(f"the config builds {missing[0]!r}{more}, which the file does not hold"))
 
 
 def misfit(problem: str) -> str:
