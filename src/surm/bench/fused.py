@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from surm import structured
-from surm.structured import fused_parallel_linear, plain_parallel_linear
+from surm.structured import MergeWorkspace, fused_parallel_linear, plain_parallel_linear
 
 from .memory import peak_alloc_bytes, saved_tensor_bytes
 from .report import machine, markdown_table, write_json
@@ -75,11 +75,14 @@ def make_methods(n: int, m: int, seed: int = 0) -> dict[str, Step]:
     A = torch.nn.Parameter(torch.randn(8, n) * n**-0.5)
     B = torch.nn.Parameter(torch.randn(m, 8) * 0.01)
     methods["lora8"] = (lambda x: F.linear(x, W, b) + SCALE * ((x @ A.T) @ B.T), [W, b, A, B], [A, B])
+    workspace = MergeWorkspace()  # as a SurmLayer holds one: the merge buffers of this shape
     for label, knobs in FAMILIES:
         S = structured.make(family_name(label), m, n, init="random", **knobs)
         params = list(S.parameters())
         methods[f"{label}/plain"] = (lambda x, S=S: plain_parallel_linear(x, W, b, S, SCALE), [W, b, *params], params)
-        methods[f"{label}/fused"] = (lambda x, S=S: fused_parallel_linear(x, W, b, S, SCALE), [W, b, *params], params)
+        methods[f"{label}/fused"] = (
+            lambda x, S=S: fused_parallel_linear(x, W, b, S, SCALE, workspace=workspace), [W, b, *params], params
+        )
     return methods
 
 
@@ -171,12 +174,13 @@ def policy(
         torch.manual_seed(0)
         W = torch.randn(m, n) * n**-0.5
         b = torch.zeros(m)
+        workspace = MergeWorkspace()
         for label, knobs in families:
             S = structured.make(family_name(label), m, n, init="random", **knobs)
             params = list(S.parameters())
             paths = {
                 "plain": lambda x, S=S: plain_parallel_linear(x, W, b, S, SCALE),
-                "fused": lambda x, S=S: fused_parallel_linear(x, W, b, S, SCALE),
+                "fused": lambda x, S=S: fused_parallel_linear(x, W, b, S, SCALE, workspace=workspace),
             }
             row = {"in": n, "out": m, "family": label, "points": []}
             for tokens in tokens_list:

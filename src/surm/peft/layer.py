@@ -17,7 +17,9 @@ output of the base layer plus all parallel adapters. Nothing is added in place.
 A single active parallel adapter without active dropout on a Linear or Conv1D layer runs through
 :func:`surm.structured.parallel_linear`: either the plain path above or the fused one,
 ``F.linear(x, W0 + alpha * S, b0)`` with a structure-aware backward, whichever is faster for
-the layer's shape and the batch's token count (``SurmConfig.fused`` forces one).
+the layer's shape and the batch's token count (``SurmConfig.fused`` forces one). A merged
+weight of 32 MiB or more goes into ``merge_workspace``: one m x n buffer per thread, shared by
+the layers of one shape, freed with them or by :func:`surm.structured.release_merge_workspaces`.
 
 A serial ``low_rank`` adapter ``S = B A`` puts its nonlinearity inside the bottleneck,
 ``alpha * B act(A dropout(h) + c) + beta`` with a bottleneck bias c: exactly the
@@ -264,6 +266,9 @@ class SurmLayer(nn.Module, BaseTunerLayer):
         self._merge_snapshot: dict[str, Any] | None = None
         #: after a merge into a quantized weight: its rounding against the exact merge
         self.merge_rounding: quantized.Rounding | None = None
+        #: the fused path's merge buffers (one per thread, made on first use, not saved), shared by the
+        #: layers of this shape and freed with the last of them; see :class:`surm.structured.MergeWorkspace`
+        self.merge_workspace = structured.MergeWorkspace.shared((self.out_features, self.in_features))
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, knobs, structure=structure)
 
@@ -375,7 +380,8 @@ class SurmLayer(nn.Module, BaseTunerLayer):
             a = parallel[0]
             base = self.get_base_layer()
             result = structured.parallel_linear(
-                x, get_matrix(base), base.bias, self.surm_matrix[a], self.surm_alpha[a], fused=self.surm_fused[a]
+                x, get_matrix(base), base.bias, self.surm_matrix[a], self.surm_alpha[a], fused=self.surm_fused[a],
+                workspace=self.merge_workspace,
             )
         else:
             result = self.base_layer(x, *args, **kwargs)

@@ -9,7 +9,14 @@
 
 from .base import INIT_MODES, LinearStructuredMatrix, StructuredMatrix
 from .circulant import Circulant, SkewCirculant
-from .fused import fused_parallel_linear, parallel_linear, plain_parallel_linear, prefer_fused
+from .fused import (
+    MergeWorkspace,
+    fused_parallel_linear,
+    parallel_linear,
+    plain_parallel_linear,
+    prefer_fused,
+    release_merge_workspaces,
+)
 from .kronecker import Kronecker, auto_factors
 from .ldr import LDR
 from .low_rank import LowRank
@@ -25,6 +32,7 @@ __all__ = [
     "Kronecker",
     "LinearStructuredMatrix",
     "LowRank",
+    "MergeWorkspace",
     "SkewCirculant",
     "SkewCirculantProduct",
     "StructuredMatrix",
@@ -40,4 +48,5 @@ __all__ = [
     "parallel_linear",
     "plain_parallel_linear",
     "prefer_fused",
+    "release_merge_workspaces",
 ]
