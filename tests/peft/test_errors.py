@@ -10,7 +10,6 @@ from torch import nn
 import surm
 from surm.peft import SurmLayer
 
-from .test_lifecycle import train_steps
 from .tiny_models import bert, mlp
 
 

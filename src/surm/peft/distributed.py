@@ -21,8 +21,6 @@ removes both: every rank then starts from rank 0's adapters.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from peft.utils.other import AuxiliaryTrainingWrapper
@@ -45,7 +43,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     found: dict[int, tuple[str, torch.Tensor]] = {}
 
-    def add(name: str, tensor: Optional[torch.Tensor]) -> None:
+    def add(name: str, tensor: torch.Tensor | None) -> None:
         if tensor is not None and id(tensor) not in found:
             found[id(tensor)] = (name, tensor)
 
@@ -71,7 +69,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def broadcast_adapter_init(
-    model: nn.Module, src: int = 0, group: Optional[dist.ProcessGroup] = None
+    model: nn.Module, src: int = 0, group: dist.ProcessGroup | None = None
 ) -> list[str]:
     """Copy the adapters (see :func:`adapter_tensors`) of rank ``src`` to every rank, in place.
 

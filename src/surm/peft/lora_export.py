@@ -27,7 +27,7 @@ raise a ``ValueError`` that names every layer and reason, then call PEFT's.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.lora import conversion
@@ -36,7 +36,7 @@ from torch import nn
 from .layer import SurmLayer
 
 
-def lora_conversion_problem(layer: SurmLayer, adapter_name: str) -> Optional[str]:
+def lora_conversion_problem(layer: SurmLayer, adapter_name: str) -> str | None:
     """Why ``adapter_name`` of ``layer`` cannot be exported to LoRA, or None if it can."""
     if adapter_name not in layer.surm_matrix:
         return (

@@ -41,7 +41,8 @@ import math
 import numbers
 import re
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, _ExcludedModule, check_target_module_exists
@@ -68,7 +69,7 @@ _TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layer
 
 
 def add_weighted_adapter(
-    tuner: "SurmModel",
+    tuner: SurmModel,
     adapters: Sequence[str],
     weights: Sequence[float],
     adapter_name: str,
@@ -179,7 +180,7 @@ def _resolve_method(structure: str, combination_type: str) -> str:
     return combination_type
 
 
-def _layers(tuner: "SurmModel", adapters: list[str]) -> dict[str, SurmLayer]:
+def _layers(tuner: SurmModel, adapters: list[str]) -> dict[str, SurmLayer]:
     layers = {
         name: m
         for name, m in tuner.model.named_modules()
@@ -226,7 +227,7 @@ def _expected_knobs(name: str, layer: SurmLayer, adapters: list[str], grow: str 
     return expected
 
 
-def _modules_to_save_sources(tuner: "SurmModel", adapters: list[str]) -> list[tuple[ModulesToSaveWrapper, str]]:
+def _modules_to_save_sources(tuner: SurmModel, adapters: list[str]) -> list[tuple[ModulesToSaveWrapper, str]]:
     sources = []
     for name, module in tuner.model.named_modules():
         if not isinstance(module, ModulesToSaveWrapper):
@@ -244,7 +245,7 @@ def _modules_to_save_sources(tuner: "SurmModel", adapters: list[str]) -> list[tu
 
 # -- the new config ----------------------------------------------------------------------
 def _new_config(
-    tuner: "SurmModel",
+    tuner: SurmModel,
     adapters: list[str],
     configs: list[SurmConfig],
     layers: dict[str, SurmLayer],
@@ -293,7 +294,7 @@ def _new_config(
     return config
 
 
-def _targeting(tuner: "SurmModel", configs: list[SurmConfig], names: set[str]) -> dict[str, Any]:
+def _targeting(tuner: SurmModel, configs: list[SurmConfig], names: set[str]) -> dict[str, Any]:
     """The inputs' targeting if they share one that selects exactly ``names``; otherwise the
     module names themselves."""
     first = {f: getattr(configs[0], f) for f in _TARGETING}
@@ -308,7 +309,7 @@ def _targeting(tuner: "SurmModel", configs: list[SurmConfig], names: set[str]) -
     raise RuntimeError(f"surm: could not build target_modules selecting exactly {sorted(names)}")  # pragma: no cover
 
 
-def _selects(tuner: "SurmModel", config: SurmConfig, names: set[str]) -> bool:
+def _selects(tuner: SurmModel, config: SurmConfig, names: set[str]) -> bool:
     """Whether ``config`` targets exactly the modules ``names`` of the model."""
     wrapped = tuple(
         k + "." for k, m in tuner.model.named_modules() if k and isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))
@@ -325,7 +326,7 @@ def _selects(tuner: "SurmModel", config: SurmConfig, names: set[str]) -> bool:
 
 # -- injection and filling -----------------------------------------------------------------
 def _check_injected(
-    tuner: "SurmModel", adapter_name: str, families: dict[str, str], expected: dict[str, dict[str, Any]]
+    tuner: SurmModel, adapter_name: str, families: dict[str, str], expected: dict[str, dict[str, Any]]
 ) -> None:
     got = {
         name: (m.surm_matrix[adapter_name].name, m.surm_matrix[adapter_name].knobs())
@@ -337,7 +338,7 @@ def _check_injected(
         raise RuntimeError(f"surm: the combined adapter's layers came out as {got}, expected {expected}")
 
 
-def _discard(tuner: "SurmModel", adapter_name: str, active: list[str]) -> None:
+def _discard(tuner: SurmModel, adapter_name: str, active: list[str]) -> None:
     """Remove a half-added adapter and restore the active adapters."""
     if any(isinstance(m, SurmLayer) and adapter_name in m.surm_matrix for m in tuner.model.modules()):
         tuner.delete_adapter(adapter_name)
