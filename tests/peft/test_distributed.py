@@ -81,7 +81,8 @@ def build(case: str, seed: int):
 def batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(1000 + rank)
     return [
-        (torch.randn(BATCH, 16, generator=g, dtype=torch.float64), torch.randn(BATCH, 4, generator=g, dtype=torch.float64))
+        (torch.randn(BATCH, 16, generator=g, dtype=torch.float64),
+         torch.randn(BATCH, 4, generator=g, dtype=torch.float64))
         for _ in range(STEPS)
     ]
 
@@ -211,7 +212,8 @@ def _launch(out_dir: Path) -> tuple[bool, str]:
         log = open(out_dir / f"rank{rank}.log", "w+")
         logs.append(log)
         procs.append(
-            subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(out_dir)], env=env, stdout=log, stderr=log)
+            subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(out_dir)],
+                             env=env, stdout=log, stderr=log)
         )
     deadline = time.monotonic() + TIMEOUT_S
     timed_out = False
@@ -241,7 +243,7 @@ def runs(tmp_path_factory):
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with the gloo backend is not available in this torch build")
     out_dir = tmp_path_factory.mktemp("distributed")
-    for attempt in range(2):
+    for _attempt in range(2):
         ok, logs = _launch(out_dir)
         if ok or "EADDRINUSE" not in logs and "address already in use" not in logs.lower():
             break  # retry only when the free port was taken before rank 0 bound it

@@ -28,7 +28,8 @@ def test_knob_that_does_not_fit_names_the_layer_and_shape():
     model = bert()[0]
     before = copy.deepcopy(model.state_dict())
     config = surm.SurmConfig(block_size=5, target_modules=["query", "intermediate.dense"])
-    with pytest.raises(ValueError, match=r"cannot adapt bert\.encoder\.layer\.0\.attention\.self\.query \(Linear 24->24.*block_size=5 must divide"):
+    with pytest.raises(ValueError, match=r"cannot adapt bert\.encoder\.layer\.0\.attention\.self\.query "
+                                         r"\(Linear 24->24.*block_size=5 must divide"):
         peft.get_peft_model(model, config)
     assert _unchanged(model)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
@@ -36,7 +37,8 @@ def test_knob_that_does_not_fit_names_the_layer_and_shape():
 
 def test_knob_failing_on_a_later_layer_changes_nothing():
     model = bert()[0]
-    config = surm.SurmConfig(block_size=8, target_modules=["query", "intermediate.dense"], knob_pattern={"intermediate.dense": {"block_size": 7}})
+    config = surm.SurmConfig(block_size=8, target_modules=["query", "intermediate.dense"],
+                             knob_pattern={"intermediate.dense": {"block_size": 7}})
     with pytest.raises(ValueError, match=r"intermediate\.dense \(Linear 24->48.*block_size=7"):
         peft.get_peft_model(model, config)
     assert _unchanged(model)
@@ -44,7 +46,8 @@ def test_knob_failing_on_a_later_layer_changes_nothing():
 
 def test_unsupported_layer_type():
     model = bert()[0]
-    with pytest.raises(TypeError, match=r"cannot adapt bert\.embeddings\.word_embeddings: Embedding layers are not supported"):
+    with pytest.raises(TypeError, match=r"cannot adapt bert\.embeddings\.word_embeddings: "
+                                        r"Embedding layers are not supported"):
         peft.get_peft_model(model, surm.SurmConfig(target_modules=["word_embeddings"]))
     assert _unchanged(model)
 
@@ -84,6 +87,8 @@ def test_loading_an_adapter_saved_for_another_base(tmp_path):
             self.head = nn.Linear(9, 3)
 
     other = Wider().double()
-    with pytest.raises(ValueError, match=r"does not fit this base model: checkpoint tensor 'base_model\.model\.fc1\.surm_matrix\.weight' has shape \(1, 1, 12\).*\(1, 1, 16\)"):
+    with pytest.raises(ValueError, match=r"does not fit this base model: checkpoint tensor "
+                                         r"'base_model\.model\.fc1\.surm_matrix\.weight' "
+                                         r"has shape \(1, 1, 12\).*\(1, 1, 16\)"):
         peft.PeftModel.from_pretrained(other, tmp_path)
     assert _unchanged(other)

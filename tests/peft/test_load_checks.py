@@ -34,10 +34,13 @@ def _edit_config(path, **changes):
 @pytest.mark.parametrize(
     ("saved", "edited", "saved_as", "built_as"),
     [
-        ({"structure": "circulant"}, {"structure": "skew_circulant"}, r"circulant\(block_size=None\)", r"skew_circulant\(block_size=None\)"),
-        ({"structure": "skew_circulant"}, {"structure": "circulant"}, r"skew_circulant\(block_size=None\)", r"circulant\(block_size=None\)"),
+        ({"structure": "circulant"}, {"structure": "skew_circulant"},
+         r"circulant\(block_size=None\)", r"skew_circulant\(block_size=None\)"),
+        ({"structure": "skew_circulant"}, {"structure": "circulant"},
+         r"skew_circulant\(block_size=None\)", r"circulant\(block_size=None\)"),
         ({"structure": "symmetric_toeplitz"}, {"structure": "circulant"}, "symmetric_toeplitz", "circulant"),
-        ({"placement": "serial", "structure": "ldr"}, {"placement": "parallel"}, r"ldr\(rank=1\) with placement='serial'", r"ldr\(rank=1\) with placement='parallel'"),
+        ({"placement": "serial", "structure": "ldr"}, {"placement": "parallel"},
+         r"ldr\(rank=1\) with placement='serial'", r"ldr\(rank=1\) with placement='parallel'"),
     ],
 )
 def test_config_naming_another_family_with_same_shapes_is_refused(tmp_path, saved, edited, saved_as, built_as):

@@ -17,7 +17,8 @@ def _two_adapters(placement_b="parallel"):
     torch.manual_seed(0)
     base, _, run = mlp()
     pristine = copy.deepcopy(base)
-    model = peft.get_peft_model(base, surm.SurmConfig(structure="circulant", target_modules=["fc1", "fc2"]), adapter_name="a")
+    model = peft.get_peft_model(base, surm.SurmConfig(structure="circulant", target_modules=["fc1", "fc2"]),
+                                adapter_name="a")
     train_steps(model, run)
     model.add_adapter("b", surm.SurmConfig(structure="toeplitz", target_modules=["fc1", "fc2"], placement=placement_b))
     model.set_adapter("b")

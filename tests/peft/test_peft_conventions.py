@@ -47,7 +47,8 @@ def test_autocast_false_adapters_still_compute_in_a_float32_island():
     base = mlp()[0].float()
     config = surm.SurmConfig(structure="skew_circulant", init="random", target_modules=["fc1"])
     ref = peft.get_peft_model(copy.deepcopy(base), config)
-    half = peft.get_peft_model(copy.deepcopy(base).to(torch.bfloat16), copy.deepcopy(config), autocast_adapter_dtype=False)
+    half = peft.get_peft_model(copy.deepcopy(base).to(torch.bfloat16), copy.deepcopy(config),
+                               autocast_adapter_dtype=False)
     half.load_state_dict({k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()})
     x = torch.randn(4, 10)
     torch.testing.assert_close(half(x.bfloat16()).float(), ref(x), rtol=5e-2, atol=5e-2)
@@ -111,7 +112,8 @@ def test_safe_merge_uses_peft_wording_and_names_the_broken_adapter(placement):
     with pytest.raises(ValueError, match=message):
         model.merge_adapter(["good", "bad"], safe_merge=True)
     assert torch.equal(model.base_model.model.fc1.base_layer.weight, weight)
-    lora = peft.get_peft_model(mlp()[0], peft.LoraConfig(target_modules=["fc1"], init_lora_weights=False), adapter_name="bad")
+    lora = peft.get_peft_model(mlp()[0], peft.LoraConfig(target_modules=["fc1"], init_lora_weights=False),
+                               adapter_name="bad")
     with torch.no_grad():
         lora.base_model.model.fc1.lora_A["bad"].weight.fill_(float("nan"))
     with pytest.raises(ValueError, match=message):  # the same words from LoRA
@@ -136,12 +138,14 @@ def test_model_and_layer_status_name_surm():
         ({"alpha": None}, r"alpha must be a finite number.*got None"),
         ({"alpha": float("inf")}, r"alpha must be a finite number, got inf"),
         ({"dropout": "0.1"}, r"dropout must be a number in \[0, 1\).*got '0.1' \(str\)"),
-        ({"structure": "kronecker", "factors": ((2, 4.5), (3, 2))}, r"factors must be \(\(a1, a2\), \(b1, b2\)\) of positive integers.*4\.5"),
+        ({"structure": "kronecker", "factors": ((2, 4.5), (3, 2))},
+         r"factors must be \(\(a1, a2\), \(b1, b2\)\) of positive integers.*4\.5"),
         ({"structure": "ldr", "rank": 2.0}, r"rank must be a positive integer or None; got 2.0 \(float\)"),
         ({"block_size": True}, r"block_size must be a positive integer or None; got True \(bool\)"),
         ({"knob_pattern": ["fc1"]}, r"knob_pattern must be a dict of module-name pattern -> dict of knobs"),
         ({"knob_pattern": {"fc1": 8}}, r"knob_pattern\['fc1'\] must be a dict of knobs, got 8; for example"),
-        ({"knob_pattern": {"fc1": {"block_size": "4"}}}, r"knob_pattern\['fc1'\]\['block_size'\] must be a positive integer"),
+        ({"knob_pattern": {"fc1": {"block_size": "4"}}},
+         r"knob_pattern\['fc1'\]\['block_size'\] must be a positive integer"),
         ({"target_modules": 3}, r"target_modules must be a list of module names, a regex string or 'all-linear'"),
         ({"modules_to_save": "head"}, r"modules_to_save must be a list of module names"),
         ({"layers_to_transform": [0, "1"]}, r"layers_to_transform must be a layer index or a list of layer indices"),
@@ -177,16 +181,19 @@ def test_filters_that_remove_every_target_are_blamed_not_target_modules(filters,
 
 
 # -- target_modules="all-linear" -------------------------------------------------------------------
-@pytest.mark.parametrize(("factory", "task_type"), [("llama", None), ("gpt2", None), ("bert", "SEQ_CLS"), ("mlp", None)])
+@pytest.mark.parametrize(("factory", "task_type"),
+                         [("llama", None), ("gpt2", None), ("bert", "SEQ_CLS"), ("mlp", None)])
 def test_all_linear_expands_as_peft_does_for_lora(factory, task_type):
     from . import tiny_models
 
     model, _, run = getattr(tiny_models, factory)()
     lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(target_modules="all-linear", task_type=task_type))
-    surm_model = peft.get_peft_model(copy.deepcopy(model), surm.SurmConfig(target_modules="all-linear", task_type=task_type))
+    surm_model = peft.get_peft_model(copy.deepcopy(model),
+                                     surm.SurmConfig(target_modules="all-linear", task_type=task_type))
     expected = set(lora.peft_config["default"].target_modules)
     assert set(surm_model.peft_config["default"].target_modules) == expected
-    wrapped = {name.removeprefix("base_model.model.") for name, m in surm_model.named_modules() if isinstance(m, SurmLayer)}
+    wrapped = {name.removeprefix("base_model.model.")
+               for name, m in surm_model.named_modules() if isinstance(m, SurmLayer)}
     assert wrapped == expected and len(wrapped) > 1
     assert not any(name.endswith(("lm_head", "classifier")) for name in wrapped)
     with torch.no_grad():
@@ -195,7 +202,8 @@ def test_all_linear_expands_as_peft_does_for_lora(factory, task_type):
 
 # -- empty batches through the PEFT layer ----------------------------------------------------------
 @pytest.mark.parametrize("placement", ["parallel", "serial"])
-@pytest.mark.parametrize("structure", ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz", "kronecker", "ldr", "low_rank"])
+@pytest.mark.parametrize("structure", ["circulant", "skew_circulant", "toeplitz", "symmetric_toeplitz",
+                                       "kronecker", "ldr", "low_rank"])
 def test_empty_batch_like_nn_linear_and_lora(structure, placement):
     base = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3))
     config = surm.SurmConfig(structure=structure, placement=placement, target_modules=["0", "2"])

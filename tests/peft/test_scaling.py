@@ -65,7 +65,8 @@ def test_alpha_stays_the_users_multiplier(scaling):
     alphas = []
     for alpha in (1.0, 2.5):
         model = peft.get_peft_model(nn.Sequential(nn.Linear(12, 20)),
-                                    surm.SurmConfig(structure="toeplitz", alpha=alpha, scaling=scaling, target_modules=["0"]))
+                                    surm.SurmConfig(structure="toeplitz", alpha=alpha, scaling=scaling,
+                                                    target_modules=["0"]))
         alphas.append(next(m for m in model.modules() if isinstance(m, SurmLayer)).surm_alpha["default"])
     assert alphas[1] == pytest.approx(2.5 * alphas[0])
     assert alphas[0] == pytest.approx(1.0 if scaling == "none" else 1 / math.sqrt(20))

@@ -14,7 +14,8 @@ from .tiny_models import mlp
 def _trained(structure="circulant", **kw):
     torch.manual_seed(0)
     base, _, run = mlp()
-    model = peft.get_peft_model(base, surm.SurmConfig(structure=structure, placement="serial", target_modules=["fc1"], **kw))
+    model = peft.get_peft_model(base, surm.SurmConfig(structure=structure, placement="serial",
+                                                      target_modules=["fc1"], **kw))
     train_steps(model, run)
     return model, run
 
@@ -64,7 +65,8 @@ def test_serial_merge_creates_a_bias_when_the_layer_has_none():
     torch.manual_seed(0)
     base, _, run = mlp()
     assert base.fc2.bias is None
-    model = peft.get_peft_model(base, surm.SurmConfig(placement="serial", activation="identity", target_modules=["fc2"]))
+    model = peft.get_peft_model(base, surm.SurmConfig(placement="serial", activation="identity",
+                                                      target_modules=["fc2"]))
     train_steps(model, run)
     with torch.no_grad():
         before = run(model)

@@ -2,7 +2,8 @@
 
 With ``scaling="width"`` (the default) one rate serves every family, knob and layer width of a
 placement, because the scale makes one Adam step move every update alike
-(:mod:`surm.peft.scaling`); serial adapters take a larger one than parallel ones. It was chosen on validation splits (MiniLM on three text data
+(:mod:`surm.peft.scaling`); serial adapters take a larger one than parallel ones.
+It was chosen on validation splits (MiniLM on three text data
 sets, AdamW, linear schedule with warm-up, batch 16; docs/results.md). Adapters with
 ``scaling="none"`` (alpha alone) keep the per-family rates swept before the scale existed.
 """
@@ -27,7 +28,8 @@ def recommended_lr(config: SurmConfig) -> float:
 
     A new classification head trained beside the adapter (``modules_to_save``) takes the same
     rate. Chosen on linear layers: on 1x1 convolutions followed by BatchNorm (EfficientNet-Lite0)
-    every family did best on validation at a third of it or less, so start there on a CNN. ``alpha`` is a multiplier on the update, not on the rate: under Adam, doubling
+    every family did best on validation at a third of it or less, so start there on a CNN.
+    ``alpha`` is a multiplier on the update, not on the rate: under Adam, doubling
     ``alpha`` doubles every step of the update, as doubling the rate would.
     """
     if not isinstance(config, SurmConfig):

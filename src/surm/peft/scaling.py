@@ -15,8 +15,8 @@ random factor starts at unit variance; ``r / n`` for low rank). ``scaling="width
 so that a step moves ``alpha * S`` by about ``lr * sqrt(min(m, n))`` for every family, knob,
 placement and layer shape: the size of the step of LoRA's ``B A`` at its usual settings, which
 also grows with the square root of the width. A serial adapter's bias enters scaled alike
-(``width``: ``s * beta``), so that it too moves the output by about ``lr * s`` per step. ``scaling="none"`` is ``alpha`` alone (adapters
-saved before the scale existed load with it).
+(``width``: ``s * beta``), so that it too moves the output by about ``lr * s`` per step.
+``scaling="none"`` is ``alpha`` alone (adapters saved before the scale existed load with it).
 """
 
 from __future__ import annotations
