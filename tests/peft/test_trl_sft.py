@@ -67,3 +67,32 @@ def test_sft_trainer_default_bf16_autocast_trains_the_float32_adapter(tmp_path):
     with torch.no_grad():
         gap = (model.eval()(ids).logits - reloaded(ids).logits).abs().max()
     assert 0 < gap < 0.05
+
+
+def test_sft_trainer_trains_surm_on_a_4bit_base_with_gradient_checkpointing(tmp_path):
+    """docs/trl.md's quantized variant at tiny size: a bitsandbytes nf4 base loaded through
+    transformers, TRL's default gradient checkpointing on; the adapter trains and the 4-bit
+    weights stay as they were."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny.model().save_pretrained(tmp_path / "base")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    data = Dataset.from_dict({"text": [" ".join(tiny.WORDS[i:i + 6]) for i in range(8)]})
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-2,
+                     report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, max_length=16, bf16=False)
+    assert args.gradient_checkpointing  # TRL's default
+    trainer = SFTTrainer(model=base, args=args, train_dataset=data, processing_class=tiny.tokenizer(),
+                         peft_config=SurmConfig(target_modules="all-linear", init="random"))
+    model = trainer.model
+    four_bit = {n: m.weight.data.clone() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(four_bit) == 14  # the seven maps of both blocks
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    trainer.train()
+    assert all(block.gradient_checkpointing for block in model.get_base_model().model.layers)
+    trained = {k: v for k, v in model.named_parameters() if v.requires_grad}
+    assert trained.keys() == before.keys() and all("surm_" in k for k in trained)
+    assert all(not torch.equal(before[k], v) for k, v in trained.items())
+    assert all(torch.equal(m.weight.data, four_bit[n]) for n, m in model.named_modules() if n in four_bit)
