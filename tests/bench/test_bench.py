@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from surm.bench.memory import saved_tensor_bytes
+from surm.bench.memory import PeakResidentGrowth, saved_tensor_bytes
 from surm.bench.timing import interleaved_medians, interleaved_samples
 from surm.commands.main import main
 
@@ -41,6 +41,16 @@ def test_saved_tensor_bytes_counts_activations_not_parameters():
     assert w.grad is not None  # the backward pass ran
 
 
+def test_peak_resident_growth_counts_the_block_and_not_what_came_before():
+    mib = 2**20
+    before = bytearray(192 * mib)  # touched (zero-filled), then freed: an earlier peak
+    del before
+    with PeakResidentGrowth() as peak:
+        inside = bytearray(48 * mib)
+        del inside
+    assert 40 <= peak.growth_mib < 150
+
+
 def _methods(path, part):
     return {r["method"] for r in json.loads(path.read_text())[part]}
 
@@ -57,6 +67,17 @@ def test_bench_peft_parts_write_json_without_load_reports(tmp_path, capfd):
     assert "x LoRA r=8" in out
     for noise in ("LOAD REPORT", "Loading weights", "MISSING"):
         assert noise not in out + err
+
+
+def test_bench_steps_measures_resident_growth_in_fresh_processes(tmp_path, capsys):
+    argv = ["bench", "steps", "--quick", "--methods", "surm:circulant", "--repeats", "1", "--rss-processes", "1",
+            "--threads", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "bench.json").read_text())["steps_rss"]
+    assert {r["method"] for r in rows} == {"head", "lora:8", "surm:circulant"}
+    assert all(r["processes"] == 1 and len(r["peak_rss_growth_runs_mib"]) == 1 for r in rows)
+    assert all(r["peak_rss_growth_mib"] >= 0 for r in rows)  # the peak is never below the start
+    assert "peak RSS growth MiB" in capsys.readouterr().out
 
 
 def test_bench_llm_quick_measures_every_family_against_lora16(tmp_path, capsys):
@@ -172,6 +193,8 @@ def test_bench_rejects_an_unknown_method_before_loading_a_model(monkeypatch, cap
     (["llm", "--device", "gpu0"], "--device 'gpu0': not a torch device"),
     (["ops", "--counts", "4"], "--counts applies to adapters"),
     (["adapters", "--counts", "0"], "--counts must be at least 1"),
+    (["layers", "--rss-processes", "2"], "--rss-processes applies to steps"),
+    (["steps", "--rss-processes", "0"], "--rss-processes must be at least 1"),
 ])
 def test_bench_rejects_bad_options(argv, message, capsys):
     assert main(["bench", *argv]) == 2

@@ -1,4 +1,5 @@
-"""Memory of one training step: bytes saved for backward, and the peak of CPU allocations."""
+"""Memory of one training step: bytes saved for backward, the peak of CPU allocations, and the
+process's peak resident growth."""
 
 from __future__ import annotations
 
@@ -48,3 +49,33 @@ def peak_alloc_bytes(step: Callable[[], None]) -> int | None:
         level += delta
         peak = max(peak, level)
     return peak
+
+
+def _status_kib(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"/proc/self/status has no {field} line")
+
+
+def resident_mib() -> float:
+    """The process's resident set size now, MiB (Linux ``/proc``)."""
+    return _status_kib("VmRSS") / 1024
+
+
+class PeakResidentGrowth:
+    """Peak resident set size of the block above the resident size at its start, MiB
+    (``growth_mib`` after exit): the kernel's peak (``VmHWM``), reset at entry through
+    ``/proc/self/clear_refs``, so nothing before the block counts and no peak between two
+    samples is missed. Linux only; raises OSError where the peak cannot be reset."""
+
+    def __enter__(self) -> PeakResidentGrowth:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current VmRSS
+        self.start_mib = resident_mib()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.growth_mib = _status_kib("VmHWM") / 1024 - self.start_mib

@@ -72,6 +72,27 @@ def run_llm(
     return results
 
 
+STEPS_RSS_TABLE = [
+    ("tokens", "seq_len", ""), ("method", "method", ""), ("peak RSS growth MiB", "peak_rss_growth_mib", ".1f"),
+    ("held after MiB", "held_rss_growth_mib", ".1f"),
+    ("runs MiB", lambda r: " / ".join(f"{v:.0f}" for v in r["peak_rss_growth_runs_mib"]), ""),
+]
+
+
+def _resident_growth(methods: Sequence[Method], lens: Sequence[int], batch: int, processes: int) -> list[dict]:
+    """The steps' peak resident growth, one fresh process per measurement, printed as a table."""
+    import torch
+
+    from .training_step import bench_resident_growth
+
+    records = bench_resident_growth(methods, seq_lens=lens, batch=batch, processes=processes,
+                                    threads=torch.get_num_threads())
+    print(f"\n## MiniLM, two training steps (AdamW), batch {batch}: peak resident growth over the size before "
+          f"them, median of {processes} fresh processes\n")
+    print(markdown_table(records, STEPS_RSS_TABLE))
+    return records
+
+
 def run(
     parts: Sequence[str] = PEFT_PARTS,
     methods: Sequence[str | Method] | None = None,
@@ -82,9 +103,12 @@ def run(
     clock: str = "wall",
     device: str = "cpu",
     dtype: str = "float32",
+    rss_processes: int = 0,
 ) -> dict[str, Any]:
     """parts: any of "layers", "steps", "inference". ``quick`` shrinks everything (smoke).
-    ``device`` and ``dtype`` (a torch dtype's name) are those of the ``layers`` part."""
+    ``device`` and ``dtype`` (a torch dtype's name) are those of the ``layers`` part.
+    ``rss_processes``: with ``steps``, also the peak resident growth of two training steps, the
+    median over that many fresh processes per method and length (0: not measured)."""
     methods = with_references(methods)
     results: dict[str, Any] = {"machine": machine(), "repeats": repeats, "clock": clock,
                                "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -110,6 +134,8 @@ def run(
             ("ms", "median_s_ms", ".1f"), ("x floor", "vs_floor", ".2f"),
             ("x LoRA r=8", "vs_lora", ".2f"), ("train mem MB", "training_memory_mb", ".1f"),
         ]))
+        if rss_processes:
+            results["steps_rss"] = _resident_growth(methods, lens, batch, rss_processes)
     if "inference" in parts:
         from .training_step import bench_merged_inference
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import json
+import statistics
+import subprocess
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -15,7 +19,7 @@ from surm.harness import methods as surm_methods
 from surm.harness.methods import Method
 from surm.harness.models import catalog
 
-from .memory import saved_tensor_bytes
+from .memory import PeakResidentGrowth, resident_mib, saved_tensor_bytes
 from .timing import interleaved_medians
 
 #: MiniLM's profile (the catalog's): the classifier trains beside the adapters.
@@ -65,13 +69,10 @@ def bench_training_steps(
                   for m, model in models.items()}
     records = []
     for seq_len in seq_lens:
-        g = torch.Generator().manual_seed(seq_len)
-        ids = torch.randint(1000, 20000, (batch, seq_len), generator=g)
-        mask = torch.ones_like(ids)
-        labels = torch.randint(0, 2, (batch,), generator=g)
+        inputs = _random_batch(seq_len, batch)
 
         def loss_of(model):
-            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            return model(**inputs).loss
 
         def step(m):
             def run():
@@ -97,6 +98,69 @@ def bench_training_steps(
                 "training_memory_mb": (saved + state_bytes) / 2**20,
             })
     return records
+
+
+def _random_batch(seq_len: int, batch: int) -> dict[str, torch.Tensor]:
+    """The training steps' batch: token ids, a full attention mask, binary labels (seeded by seq_len)."""
+    g = torch.Generator().manual_seed(seq_len)
+    ids = torch.randint(1000, 20000, (batch, seq_len), generator=g)
+    labels = torch.randint(0, 2, (batch,), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def resident_growth_of_steps(method: str, seq_len: int, batch: int = 32, steps: int = 2) -> dict[str, float]:
+    """In this process: MiniLM with ``method`` (a method string), then ``steps`` AdamW training
+    steps. ``peak_mib``: the peak resident size during the steps above the size before them
+    (gradients, AdamW moments, activations, workspaces and what the allocator keeps);
+    ``held_mib``: the resident size after them (gradients set to None) above that start."""
+    torch.manual_seed(0)
+    model = surm_methods.apply(_minilm(), surm_methods.parse(method), TRAINING).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    inputs = _random_batch(seq_len, batch)
+    with PeakResidentGrowth() as peak:
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            model(**inputs).loss.backward()
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return {"peak_mib": peak.growth_mib, "held_mib": resident_mib() - peak.start_mib}
+
+
+def bench_resident_growth(
+    methods: Sequence[Method], seq_lens=(64, 128), batch: int = 32, processes: int = 3, steps: int = 2,
+    threads: int | None = None,
+) -> list[dict[str, Any]]:
+    """Median over ``processes`` fresh Python processes (rounds interleaved over the methods) of
+    :func:`resident_growth_of_steps`, per method and sequence length: resident memory is a
+    property of the process, so each measurement gets a process of its own. ``threads``: torch
+    threads in each (None: torch's default)."""
+    samples: dict[tuple[int, str], list[dict[str, float]]] = {}
+    for _ in range(processes):
+        for seq_len in seq_lens:
+            for m in methods:
+                samples.setdefault((seq_len, m.name), []).append(_in_fresh_process(m.name, seq_len, batch, steps,
+                                                                                    threads))
+    return [{
+        "seq_len": seq_len, "batch": batch, "method": name, "processes": processes, "steps": steps,
+        "peak_rss_growth_mib": statistics.median(r["peak_mib"] for r in runs),
+        "held_rss_growth_mib": statistics.median(r["held_mib"] for r in runs),
+        "peak_rss_growth_runs_mib": [r["peak_mib"] for r in runs],
+    } for (seq_len, name), runs in samples.items()]
+
+
+def _in_fresh_process(method: str, seq_len: int, batch: int, steps: int, threads: int | None) -> dict[str, float]:
+    """:func:`resident_growth_of_steps` in a new Python process (this interpreter, same path)."""
+    code = (
+        "import json, sys, torch\n"
+        "from surm.bench.training_step import resident_growth_of_steps\n"
+        f"if {threads!r}: torch.set_num_threads({threads!r})\n"
+        f"print(json.dumps(resident_growth_of_steps({method!r}, {seq_len}, {batch}, {steps})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"resident memory of {method} at {seq_len} tokens: the measuring process failed:\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_merged_inference(

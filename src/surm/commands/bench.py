@@ -27,6 +27,7 @@ Interleaved median timings, in one process, read as ratios to references measure
 same rounds. Parts:
   layers     one linear layer, forward + backward, frozen and with each method
   steps      MiniLM training steps (head only as the floor) and their training memory
+             (--rss-processes: and their peak resident growth, in fresh processes)
   inference  MiniLM after merge_and_unload, against the base model
   ops        each structured product, forward and forward + backward, against a dense matmul
   fused      the fused parallel SURM layer against the plain one and a LoRA branch
@@ -65,6 +66,7 @@ _PART_OPTIONS = {
     "device": (("layers", "llm"), "--device"),
     "dtype": (("layers", "llm"), "--dtype"),
     "seq_lens": (("steps",), "--seq-lens"),
+    "rss_processes": (("steps",), "--rss-processes"),
     "tokens": (("ops",), "--tokens"),
     "shape": (("ops",), "--shape"),
     "warmup": (("ops",), "--warmup"),
@@ -117,6 +119,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                       help=f"method strings (default: {' '.join(DEFAULT_METHODS)})")
     peft.add_argument("--seq-lens", type=int, nargs="+", default=None, metavar="N",
                       help="token counts of the training steps (default: 64 128)")
+    peft.add_argument("--rss-processes", type=int, default=None, metavar="N",
+                      help="steps: also the peak resident (RSS) growth of two training steps, the median of N "
+                           "fresh processes per method and token count (default: not measured)")
     ops = p.add_argument_group("ops")
     ops.add_argument("--tokens", type=int, default=None, help="rows of x (default: 2048; --cost-model 4096)")
     ops.add_argument("--shape", type=int, nargs=2, action="append", metavar=("IN", "OUT"),
@@ -161,6 +166,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[Method] | None]:
     numbers = [("--repeats", args.repeats, 1), ("--threads", args.threads, 1), ("--tokens", args.tokens, 1),
                ("--warmup", args.warmup, 0)]
     numbers += [("--seq-lens", n, 1) for n in args.seq_lens or ()]
+    numbers += [("--rss-processes", args.rss_processes, 1)]
     numbers += [("--counts", n, 1) for n in args.counts or ()]
     numbers += [("--prompt-tokens", args.prompt_tokens, 1), ("--new-tokens", args.new_tokens, 1),
                 ("--load-count", args.load_count, 1)]
@@ -243,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         with torch_threads(args.threads):
             peft_comparison.run(peft_parts, methods, repeats=args.repeats or _DEFAULT_REPEATS["peft"], out=out,
                                 seq_lens=tuple(args.seq_lens or (64, 128)), quick=args.quick, clock=args.clock,
-                                **_device_options(args))
+                                rss_processes=args.rss_processes or 0, **_device_options(args))
     if "llm" in parts:
         from surm.bench import peft_comparison
 
