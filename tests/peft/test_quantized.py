@@ -194,6 +194,41 @@ def test_unmerge_restores_the_quantized_weight_bit_for_bit(fmt, placement):
     assert torch.equal(after, out)
 
 
+def _repacks_in_inference() -> bool:
+    return bool(getattr(bnb.functional, "has_avx512bf16", lambda: False)())
+
+
+@pytest.mark.skipif(not _repacks_in_inference(), reason="bitsandbytes repacks 4-bit weights only on AVX512-BF16 CPUs")
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_merge_after_an_inference_forward_that_repacked_the_4bit_weight(placement):
+    """An eval-mode forward without gradients repacks a 4-bit weight for bitsandbytes' CPU kernel
+    (in place); a merge afterwards unpacks a copy, merges within the rounding it reports, and
+    unmerge puts the packed weight back."""
+    model, x = merge_case("toeplitz", placement, "bnb-4bit")
+    model.eval()
+    base = model.base_model.model.proj.get_base_layer()
+    with torch.no_grad():
+        with model.disable_adapter():
+            frozen = model(x)
+        unmerged = model(x)
+    assert base.weight.quant_state.packing_format_for_cpu
+    packed = base.weight.data.clone()
+    with torch.no_grad():
+        with pytest.warns(QuantizedMergeWarning):
+            model.merge_adapter()
+        merged = model(x)
+        rounding = model.base_model.model.proj.merge_rounding
+        model.unmerge_adapter()
+        after = model(x)
+    bound = rounding.max_error * float(x.abs().sum(-1).max()) + 1e-5
+    lost = float(((merged - frozen) - (unmerged - frozen)).norm() / (unmerged - frozen).norm())
+    print(f"repacked nf4 {placement}: {rounding.describe()}; output error {(merged - unmerged).abs().max():.2e} "
+          f"(bound {bound:.2e}), update error {lost:.1%}")
+    assert float((merged - unmerged).abs().max()) <= bound and lost < 0.5
+    assert base.weight.quant_state.packing_format_for_cpu and torch.equal(base.weight.data, packed)
+    assert torch.equal(after, unmerged)
+
+
 def test_merges_one_call_at_a_time_equal_one_call():
     """Each requantizing merge starts from the saved original weight: no rounding piles up."""
     def build():

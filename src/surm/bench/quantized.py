@@ -150,8 +150,8 @@ def merge_result(model: Any, fmt: str, ids: torch.Tensor, seed: int = 0) -> dict
     layers' ``merge_rounding``), or ``merge: "refused"`` with the reason. Consumes ``model``.
 
     The logits are taken in training mode (the model has no dropout): in eval mode without
-    gradients bitsandbytes repacks 4-bit weights for its CPU kernel on AVX512-BF16 CPUs, and a
-    repacked weight cannot be merged into (:func:`surm.peft.quantized.merge_problem`)."""
+    gradients bitsandbytes repacks 4-bit weights for its CPU kernel on AVX512-BF16 CPUs, which
+    fails on layers whose output width is not a multiple of 32 (the tiny Llama's of ``--quick``)."""
     from surm.peft.layer import SurmLayer
     from surm.peft.quantized import QuantizedMergeWarning
 

@@ -7,8 +7,8 @@ format          base weight                                  merge
 ``dense``       a plain ``torch.Tensor`` / ``nn.Parameter``  exact, in place (:mod:`.layer`)
                 (or a sharded ``DTensor``)
 ``bnb-int8``    bitsandbytes ``Int8Params`` (Linear8bitLt)   dequantize, add, requantize (int8 per row)
-``bnb-4bit``    bitsandbytes ``Params4bit`` (Linear4bit)     dequantize, add, requantize (same quant_type,
-                                                             blocksize, double quantization, storage)
+``bnb-4bit``    bitsandbytes ``Params4bit`` (Linear4bit;     dequantize, add, requantize (same quant_type,
+                repacked for the CPU kernel or not)          blocksize, double quantization, storage)
 ``hqq``         HQQ ``HQQLinear`` (packed ``W_q`` and        dequantize, add, requantize (the layer's own
                 its ``meta``; the layer has no ``weight``)   ``quant_config``: bits, group size, axis)
 ``torchao``     a torchao tensor subclass                    refused: no general way back to the format
@@ -22,6 +22,7 @@ how far the stored merged weight is from ``W + update``, and the layer reports i
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from collections.abc import Iterator
@@ -84,10 +85,11 @@ def merge_problem(module: nn.Module) -> str | None:
             f"merge into a dense copy of the base: load the base model without quantization, load the adapter "
             f"on it (PeftModel.from_pretrained) and call merge_and_unload() there"
         )
-    if fmt == "bnb-4bit" and getattr(w.quant_state, "packing_format_for_cpu", False):
+    if fmt == "bnb-4bit" and _repacked_for_cpu(w) and _unpacker() is None:
         return (
-            "its 4-bit weight has been repacked for bitsandbytes' CPU inference kernel, which cannot be "
-            "dequantized; merge before running the model in inference mode, or merge into a dense copy of the base"
+            "its 4-bit weight has been repacked for bitsandbytes' CPU inference kernel, and this bitsandbytes "
+            "has no way back to its storage layout; merge before running the model in inference mode, or merge "
+            "into a dense copy of the base"
         )
     if fmt == "bnb-int8" and w.dtype == torch.int8 and _int8_scales(module) is None:
         return "its int8 weight has no row scales (SCB) to dequantize with"
@@ -103,14 +105,44 @@ def _int8_scales(module: nn.Module) -> torch.Tensor | None:
     return scales
 
 
+def _repacked_for_cpu(w: torch.Tensor) -> bool:
+    """A 4-bit weight that bitsandbytes repacked for its CPU inference kernel (an eval-mode forward
+    without gradients on a CPU with AVX512-BF16 does it, in place): another data layout, its
+    ``absmax`` in bfloat16 and ``quant_state.dtype`` bfloat16."""
+    return getattr(w.quant_state, "packing_format_for_cpu", False)
+
+
+def _unpacker():
+    """bitsandbytes' inverse of that repacking (which it uses to save such a weight), or None."""
+    import bitsandbytes as bnb
+
+    return getattr(bnb.functional, "_convert_weight_packed_for_cpu_inverse", None)
+
+
+def _storage_4bit(w: torch.Tensor) -> tuple[torch.Tensor, object]:
+    """A 4-bit weight's data and quant state in bitsandbytes' storage layout; a weight repacked for
+    the CPU kernel is unpacked from copies (the layer keeps its packed weight)."""
+    if not _repacked_for_cpu(w):
+        return w.data, w.quant_state
+    return _unpacker()(w.data.clone(), copy.deepcopy(w.quant_state))
+
+
+def _source_dtype(w: torch.Tensor) -> torch.dtype:
+    """The dtype a 4-bit weight was quantized from (repacking overwrites ``quant_state.dtype``)."""
+    state = w.quant_state
+    if state is None:
+        return torch.float32
+    return state.original_dtype if _repacked_for_cpu(w) else state.dtype
+
+
 def float_dtype(module: nn.Module) -> torch.dtype:
     """The floating dtype ``module``'s weight stands for: its own dtype when it is floating, the dtype
     a 4-bit weight was quantized from, float32 otherwise."""
     if is_hqq(module):
         return module.compute_dtype
     w = module.weight
-    if weight_format(module) == "bnb-4bit" and w.quant_state is not None:
-        return w.quant_state.dtype
+    if weight_format(module) == "bnb-4bit":
+        return _source_dtype(w)
     return w.dtype if w.is_floating_point() else torch.float32
 
 
@@ -124,7 +156,7 @@ def dequantized(module: nn.Module, dtype: torch.dtype = torch.float32, saved: Sa
     if fmt == "bnb-4bit":
         import bitsandbytes as bnb
 
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(dtype)
+        return bnb.functional.dequantize_4bit(*_storage_4bit(w)).to(dtype)
     if fmt == "bnb-int8":
         if w.dtype != torch.int8:  # not quantized yet (still on the way to its device) or fp16 weights kept
             return w.data.to(dtype)
@@ -192,7 +224,7 @@ def requantize(module: nn.Module, matrix: torch.Tensor) -> None:
 
     w = module.weight
     if fmt == "bnb-4bit":
-        source_dtype = w.quant_state.dtype if w.quant_state is not None else torch.float32
+        source_dtype = _source_dtype(w)
         new = bnb.nn.Params4bit(
             matrix.to(source_dtype).contiguous().cpu(),
             requires_grad=False,
