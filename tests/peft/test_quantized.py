@@ -344,3 +344,36 @@ def test_mixed_batch_on_a_quantized_base_matches_each_adapter_alone(fmt):
             alone.append(model(x))
     for row, expected in enumerate(alone):
         torch.testing.assert_close(mixed[row], expected[row], atol=1e-5, rtol=1e-5)
+
+
+def test_hqq_quantized_llama_trains_and_merges_and_unloads():
+    """A whole model quantized by hqq's own AutoHQQHFModel (transformers 5.25 cannot load with
+    HqqConfig): SURM on q,v trains, and merge_and_unload leaves plain HQQLinear layers whose logits
+    match the adapter model's within the rounding."""
+    pytest.importorskip("hqq")
+    from hqq.core.quantize import BaseQuantizeConfig
+    from hqq.models.hf.base import AutoHQQHFModel
+
+    from surm.harness.models import tiny
+
+    model = tiny.model()
+    AutoHQQHFModel.quantize_model(model, quant_config=BaseQuantizeConfig(nbits=4, group_size=64),
+                                  compute_dtype=torch.float32, device="cpu")
+    peft_model = get_peft_model(model, SurmConfig(structure="circulant", target_modules=["q_proj", "v_proj"],
+                                                  init="random"))
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    trained = [p for p in peft_model.parameters() if p.requires_grad]
+    assert len(trained) == 4 and all(p.grad is not None and p.grad.abs().max() > 0 for p in trained)
+    with torch.no_grad():
+        with peft_model.disable_adapter():
+            frozen = peft_model(input_ids=ids).logits
+        adapted = peft_model(input_ids=ids).logits
+        with pytest.warns(QuantizedMergeWarning, match=r"merged into 4 quantized layer\(s\) \(hqq\)"):
+            merged_model = peft_model.merge_and_unload()
+        merged = merged_model(input_ids=ids).logits
+    attention = merged_model.model.layers[0].self_attn
+    assert type(attention.q_proj).__name__ == type(attention.v_proj).__name__ == "HQQLinear"
+    error, effect = float((merged - adapted).abs().max()), float((adapted - frozen).abs().max())
+    print(f"hqq tiny Llama: merged logits off by {error:.3g}, the adapter moves them {effect:.3g}")
+    assert error < effect
