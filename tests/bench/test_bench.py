@@ -239,16 +239,29 @@ def test_bench_quantized_quick_trains_on_every_base_and_reports_each_merge(tmp_p
     argv = ["bench", "quantized", "--quick", "--threads", "1", "--out", str(tmp_path)]
     assert main(argv) == 0
     rows = {(r["format"], r["method"]): r for r in json.loads((tmp_path / "quantized.json").read_text())["results"]}
-    formats = ("float32", "bnb-int8", "bnb-nf4", "torchao-int8")
-    methods = ("surm circulant q,v", "surm circulant all", "lora r=8 q,v")
+    formats = ("float32", "bfloat16", "bnb-int8", "bnb-nf4", "torchao-int8")
+    methods = ("frozen base", "surm circulant q,v", "surm toeplitz q,v", "surm circulant all", "lora r=8 q,v")
     assert set(rows) == {(f, m) for f in formats for m in methods}
     assert all(r["step_s"] > 0 and r["step_peak_bytes"] > 0 for r in rows.values())
     assert all(rows[(f, "lora r=8 q,v")]["vs_lora"] == 1.0 for f in formats)
     assert all(rows[("float32", m)]["vs_float32"] == 1.0 for m in methods)
+    for f in formats:  # the overhead over the frozen base, as a multiple of LoRA's
+        frozen, lora = rows[(f, "frozen base")], rows[(f, "lora r=8 q,v")]
+        assert frozen["adapter_parameters"] == 0 and frozen["merge"] == "-" and frozen["overhead_vs_lora"] is None
+        surm = rows[(f, "surm toeplitz q,v")]
+        if lora["step_s"] <= frozen["step_s"]:  # one noisy step of a tiny model: no overhead to divide by
+            assert lora["overhead_vs_lora"] is None and surm["overhead_vs_lora"] is None
+            continue
+        assert lora["overhead_vs_lora"] == pytest.approx(1.0)
+        assert surm["overhead_vs_lora"] == pytest.approx(
+            (surm["step_s"] - frozen["step_s"]) / (lora["step_s"] - frozen["step_s"]))
+    half = rows[("bfloat16", "surm circulant q,v")]
+    assert half["weight_bytes"] < rows[("float32", "surm circulant q,v")]["weight_bytes"]
+    assert half["merge"] == "rounded to bfloat16" and half["logits_merge_error"] < half["logits_adapter_effect"]
     qv, every = rows[("float32", "surm circulant q,v")], rows[("float32", "surm circulant all")]
     assert 0 < qv["adapter_parameters"] < every["adapter_parameters"]
     for fmt in ("bnb-int8", "bnb-nf4", "torchao-int8"):
-        assert rows[(fmt, methods[0])]["weight_bytes"] < rows[("float32", methods[0])]["weight_bytes"]
+        assert rows[(fmt, methods[1])]["weight_bytes"] < rows[("float32", methods[1])]["weight_bytes"]
     assert qv["merge"] == "exact" and qv["logits_merge_error"] < 1e-5 < qv["logits_adapter_effect"]
     for fmt in ("bnb-int8", "bnb-nf4"):
         merged = rows[(fmt, "surm circulant all")]
@@ -261,7 +274,7 @@ def test_bench_quantized_quick_trains_on_every_base_and_reports_each_merge(tmp_p
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["quantized", "--formats", "int4"], "--formats: unknown format(s) int4; choose from float32, bnb-int8"),
+    (["quantized", "--formats", "int4"], "--formats: unknown format(s) int4; choose from float32, bfloat16, bnb-int8"),
     (["adapters", "--steps", "2"], "--steps applies to quantized"),
     (["quantized", "--seq-len", "1"], "--seq-len must be at least 2"),
 ])

@@ -66,4 +66,4 @@ LLM_METHODS = (
 #: The references of the ``llm`` part.
 LLM_REFERENCE_METHODS = ("head", "lora:16")
 #: The base formats of the ``quantized`` part, in the order of its table.
-QUANT_FORMATS = ("float32", "bnb-int8", "bnb-nf4", "torchao-int8")
+QUANT_FORMATS = ("float32", "bfloat16", "bnb-int8", "bnb-nf4", "torchao-int8")

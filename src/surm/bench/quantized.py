@@ -1,11 +1,14 @@
 """``surm bench quantized``: SURM and LoRA training on quantized SmolLM2-135M bases.
 
-For each base format (float32, bitsandbytes int8 ``Linear8bitLt``, bitsandbytes nf4
-``Linear4bit``, torchao int8 weight-only) every method's model (SURM circulant on q,v and on
-every linear map, LoRA r=8 on q,v) takes AdamW training steps in interleaved rounds, all models
-in the same rounds. Reported per (format, method): the median step time, its ratio to LoRA on
-the same base and to the same method on the float32 base, the adapter parameters, the bytes the
-base weights are stored in, the peak of allocations during one step, and the merge: the adapter
+For each base format (float32, bfloat16 with float32 adapters, bitsandbytes int8
+``Linear8bitLt``, bitsandbytes nf4 ``Linear4bit``, torchao int8 weight-only) every method's model
+(SURM circulant and Toeplitz on q,v, SURM circulant on every linear map, LoRA r=8 on q,v) takes
+AdamW training steps in interleaved rounds, all models in the same rounds, beside the frozen base
+(forward and backward to the input embeddings, no adapter: what every method's step contains).
+Reported per (format, method): the median step time, its ratio to LoRA on the same base and to
+the same method on the float32 base, the overhead over the frozen base as a multiple of LoRA's
+(step − frozen over LoRA's step − frozen), the adapter parameters, the bytes the base weights are
+stored in, the peak of allocations during one step, and the merge: the adapter
 weights drawn at random (so that the update is far from zero), ``merge_and_unload`` and the
 largest change of the logits it causes against the unmerged model, beside the adapter's own
 effect on the logits and the rounding surm reports; or "refused" with the reason.
@@ -37,6 +40,8 @@ from .timing import interleaved_samples
 FORMATS = QUANT_FORMATS
 #: the reference method of the ratios
 LORA = "lora r=8 q,v"
+#: the base alone: forward and backward to the input embeddings, nothing trained
+FROZEN = "frozen base"
 
 
 @dataclass(frozen=True)
@@ -47,11 +52,11 @@ class QuantMethod:
     config: Callable[[], Any]
 
 
-def _surm_circulant(targets: list[str]) -> Callable[[], Any]:
+def _surm(structure: str, targets: list[str]) -> Callable[[], Any]:
     def build():
         from surm.peft import SurmConfig
 
-        return SurmConfig(structure="circulant", target_modules=targets, task_type="CAUSAL_LM")
+        return SurmConfig(structure=structure, target_modules=targets, task_type="CAUSAL_LM")
 
     return build
 
@@ -66,8 +71,10 @@ def _lora8(targets: list[str]) -> Callable[[], Any]:
 
 
 METHODS = (
-    QuantMethod("surm circulant q,v", _surm_circulant(QV)),
-    QuantMethod("surm circulant all", _surm_circulant(ALL)),
+    QuantMethod(FROZEN, None),
+    QuantMethod("surm circulant q,v", _surm("circulant", QV)),
+    QuantMethod("surm toeplitz q,v", _surm("toeplitz", QV)),
+    QuantMethod("surm circulant all", _surm("circulant", ALL)),
     QuantMethod(LORA, _lora8(QV)),
 )
 
@@ -91,6 +98,8 @@ def load_in_format(base: torch.nn.Module, folder: Path, fmt: str) -> torch.nn.Mo
     (``lm_head``, tied to the embeddings, stays float32)."""
     if fmt == "float32":
         return copy.deepcopy(base)
+    if fmt == "bfloat16":
+        return copy.deepcopy(base).to(torch.bfloat16)
     from transformers import AutoModelForCausalLM
 
     from .training_step import quiet_transformers
@@ -127,18 +136,25 @@ class Trainee:
     fmt: str
     method: QuantMethod
     model: Any
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
 
     def step(self, ids: torch.Tensor) -> None:
-        """One AdamW step of next-token loss on ``ids`` (batch, seq)."""
-        self.optimizer.zero_grad(set_to_none=True)
+        """One AdamW step of next-token loss on ``ids`` (batch, seq); the frozen base: forward
+        and backward only."""
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
         self.model(input_ids=ids, labels=ids).loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.step()
 
 
 def build_trainee(base_in_format: torch.nn.Module, fmt: str, method: QuantMethod) -> Trainee:
     import peft
 
+    if method.config is None:  # the frozen base: the backward reaches the input embeddings
+        base_in_format.requires_grad_(False).train()
+        base_in_format.enable_input_require_grads()
+        return Trainee(fmt, method, base_in_format, None)
     model = peft.get_peft_model(base_in_format, method.config()).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Trainee(fmt, method, model, torch.optim.AdamW(trainable, lr=1e-4))
@@ -171,7 +187,7 @@ def merge_result(model: Any, fmt: str, ids: torch.Tensor, seed: int = 0) -> dict
     roundings = [layer.merge_rounding for layer in surm_layers if layer.merge_rounding is not None]
     reported = [str(w.message) for w in caught if issubclass(w.category, QuantizedMergeWarning)]
     return {
-        "merge": "exact" if fmt == "float32" else "requantized",
+        "merge": {"float32": "exact", "bfloat16": "rounded to bfloat16"}.get(fmt, "requantized"),
         "logits_merge_error": float((merged - unmerged).abs().max()),
         "logits_adapter_effect": float((unmerged - frozen).abs().max()),
         "surm_weight_rounding": max((r.max_error for r in roundings), default=None),
@@ -186,12 +202,17 @@ def _record(trainee: Trainee, seconds: float, peak: int | None, weights: int) ->
 
 
 def _add_ratios(records: list[dict[str, Any]]) -> None:
-    """``vs_lora``: over LoRA's step on the same base; ``vs_float32``: over the same method's on float32."""
+    """``vs_lora``: over LoRA's step on the same base; ``vs_float32``: over the same method's on
+    float32; ``overhead_vs_lora``: the step's time over the frozen base's, as a multiple of LoRA's
+    (below 1: cheaper than LoRA on top of the base)."""
     times = {(r["format"], r["method"]): r["step_s"] for r in records}
     for r in records:
         lora, dense = times.get((r["format"], LORA)), times.get(("float32", r["method"]))
+        frozen = times.get((r["format"], FROZEN))
         r["vs_lora"] = r["step_s"] / lora if lora else None
         r["vs_float32"] = r["step_s"] / dense if dense else None
+        trained = r["method"] != FROZEN and lora is not None and frozen is not None and lora > frozen
+        r["overhead_vs_lora"] = (r["step_s"] - frozen) / (lora - frozen) if trained else None
 
 
 def measure(
@@ -228,7 +249,8 @@ def measure(
         records.append(_record(trainee, seconds, peak, weights[key]))
     _add_ratios(records)
     for record, trainee in zip(records, trainees):
-        record.update(merge_result(trainee.model, trainee.fmt, ids[:1]))
+        frozen = trainee.method.label == FROZEN
+        record.update({"merge": "-"} if frozen else merge_result(trainee.model, trainee.fmt, ids[:1]))
         print(_line(record), flush=True)
     del trainees, fns
     gc.collect()
@@ -236,13 +258,14 @@ def measure(
 
 
 def _line(r: dict[str, Any]) -> str:
-    return (f"{r['format']:13s} {r['method']:20s} step {r['step_ms']:8.1f} ms (x{r['vs_lora']:.2f} LoRA) "
+    return (f"{r['format']:13s} {r['method']:20s} step {r['step_ms']:8.1f} ms (x{r['vs_lora']:.2f} LoRA, "
+            f"overhead x{_or_dash('overhead_vs_lora')(r)} LoRA's) "
             f"merge {r['merge']}")
 
 
 def _merge_cell(r: dict[str, Any]) -> str:
-    if r["merge"] == "refused":
-        return "refused"
+    if r["merge"] in ("refused", "-"):
+        return r["merge"]
     error, effect = r["logits_merge_error"], r["logits_adapter_effect"]
     return f"{r['merge']}: logits off by {error:.2g} (adapter moves them {effect:.2g})"
 
@@ -252,6 +275,10 @@ def _rounding_cell(r: dict[str, Any]) -> str:
     return "-" if rounding is None else format(rounding, ".2g")
 
 
+def _or_dash(key: str) -> Callable[[dict[str, Any]], str]:
+    return lambda r: "-" if r[key] is None else f"{r[key]:.2f}"
+
+
 def _mb(key: str) -> Callable[[dict[str, Any]], float | None]:
     return lambda r: None if r[key] is None else r[key] / 2**20
 
@@ -259,7 +286,8 @@ def _mb(key: str) -> Callable[[dict[str, Any]], float | None]:
 _COLUMNS = [
     ("base", "format", ""), ("method", "method", ""), ("adapter params", "adapter_parameters", "d"),
     ("step ms", "step_ms", ".0f"), ("x LoRA (same base)", "vs_lora", ".2f"),
-    ("x float32 (same method)", "vs_float32", ".2f"), ("weights MB", _mb("weight_bytes"), ".1f"),
+    ("x float32 (same method)", "vs_float32", ".2f"), ("overhead x LoRA's", _or_dash("overhead_vs_lora"), ""),
+    ("weights MB", _mb("weight_bytes"), ".1f"),
     ("step peak MB", _mb("step_peak_bytes"), ".1f"), ("surm weight rounding", _rounding_cell, ""),
     ("merge", _merge_cell, ""),
 ]

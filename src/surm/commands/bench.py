@@ -36,9 +36,9 @@ same rounds. Parts:
   adapters   SmolLM2-135M with N adapters: batches whose rows use different adapters
              (adapter_names) against one adapter, SURM against LoRA r=8; resident memory per
              adapter; loading N saved adapters (load_adapters against PEFT's load_adapter)
-  quantized  SmolLM2-135M on float32, bitsandbytes int8 / nf4 and torchao int8 bases: SURM
-             circulant (q,v and every map) against LoRA r=8 (q,v) training steps, memory,
-             and what merging does on each base
+  quantized  SmolLM2-135M on float32, bfloat16, bitsandbytes int8 / nf4 and torchao int8 bases:
+             SURM circulant and Toeplitz (q,v) and circulant on every map against LoRA r=8 (q,v)
+             and the frozen base: training steps, memory, and what merging does on each base
 """
 
 EPILOG = f"""\
