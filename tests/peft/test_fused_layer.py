@@ -2,6 +2,7 @@
 
 import copy
 import gc
+import io
 import threading
 import weakref
 
@@ -146,3 +147,21 @@ def test_two_threads_running_one_layer_match_the_plain_path(monkeypatch):
         for got in runs:
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_with_filled_workspaces_copies_and_pickles(monkeypatch):
+    """deepcopy and torch.save see the workspaces as scratch: the copy shares the workspace of
+    each shape (no buffer copied) and computes the same outputs."""
+    torch.manual_seed(0)
+    base, inputs, run = bert()
+    model, layers = _fused_model(monkeypatch, base)
+    out = run(model)
+    copied = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (copied, loaded):
+        other_layers = [m for m in other.modules() if isinstance(m, SurmLayer)]
+        assert [m.merge_workspace for m in other_layers] == [m.merge_workspace for m in layers]
+        torch.testing.assert_close(run(other), out)
