@@ -180,3 +180,21 @@ def test_a_workspace_of_another_type_is_refused():
     for call in (structured.fused_parallel_linear, structured.parallel_linear):
         with pytest.raises(TypeError, match="workspace must be a surm.structured.MergeWorkspace or None, not dict"):
             call(x, W, None, S, SCALE, workspace={})
+
+
+def test_a_compiled_call_with_a_workspace_matches_dense_and_holds_nothing():
+    """Under torch.compile the merged weight is the graph's own: no buffer is taken, one graph."""
+    torch._dynamo.reset()
+    S, W = _layer()
+    workspace = structured.MergeWorkspace()
+    x = torch.randn(5, N, dtype=F64, requires_grad=True)
+    compiled = torch.compile(
+        lambda x: structured.parallel_linear(x, W, None, S, SCALE, fused=True, workspace=workspace),
+        backend="inductor", fullgraph=True,
+    )
+    y = compiled(x)
+    got = (y.detach(), *torch.autograd.grad(y.pow(2).sum(), [x, *S.parameters()]))
+    for a, b in zip(got, _reference(S, W, x)):
+        torch.testing.assert_close(a, b)
+    assert workspace.held_bytes() == 0
+    torch._dynamo.reset()
